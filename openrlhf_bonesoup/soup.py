@@ -1,0 +1,152 @@
+"""The soup manifest: `<soup_dir>/soup.json`, the contract between training, merging and evaluation.
+
+It records the objectives, beta and B, the SFT checkpoint, and one entry per backbone j (its
+checkpoint, how it was launched, a content fingerprint, its status). Each backbone's launch writes
+its own entry; backbones are often launched at the same time, so every update is a read-modify-write
+under an exclusive lock, written to a temporary file and renamed (a reader never sees half a file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix
+
+MANIFEST = "soup.json"
+FORMAT = "openrlhf-bonesoup/soup/v1"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _locked(soup_dir: Path) -> Iterator[None]:
+    soup_dir.mkdir(parents=True, exist_ok=True)
+    with open(soup_dir / ".soup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write(soup_dir: Path, manifest: dict) -> None:
+    tmp = soup_dir / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, soup_dir / MANIFEST)
+
+
+def read_soup(soup_dir: str | os.PathLike) -> dict:
+    """The manifest of soup_dir, validated (format, B); BoneSoupError when missing or malformed."""
+    path = Path(soup_dir) / MANIFEST
+    if not path.is_file():
+        raise BoneSoupError(f"no soup manifest at {path}: pass --soup_dir of a training launch, or --backbones")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BoneSoupError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise BoneSoupError(f"{path} is not a soup manifest (format {manifest.get('format')!r}, want {FORMAT!r})")
+    check_matrix(manifest["matrix"])
+    return manifest
+
+
+def init_soup(
+    soup_dir: str | os.PathLike,
+    *,
+    objectives: Sequence[dict],
+    beta: float,
+    matrix: np.ndarray,
+    sft: str | None,
+) -> dict:
+    """Create soup_dir's manifest, or check that an existing one describes the same soup.
+
+    Every backbone of one soup must share objectives, B and SFT model, or lambda = B^-1 mu means
+    nothing; a launch that disagrees is refused instead of silently mixing soups.
+    """
+    soup_dir = Path(soup_dir)
+    wanted = {
+        "format": FORMAT,
+        "objectives": [dict(o) for o in objectives],
+        "beta": float(beta),
+        "n": int(matrix.shape[0]),
+        "matrix": np.asarray(matrix).tolist(),
+        "sft": sft,
+    }
+    with _locked(soup_dir):
+        if (soup_dir / MANIFEST).is_file():
+            manifest = read_soup(soup_dir)
+            for key, value in wanted.items():
+                if key != "objectives" and manifest.get(key) != value:
+                    raise BoneSoupError(
+                        f"{soup_dir / MANIFEST} has {key} = {manifest.get(key)!r}, this launch has {value!r}: "
+                        "use another --soup_dir for a different soup"
+                    )
+            names = [o.get("name") for o in manifest["objectives"]]
+            if names != [o.get("name") for o in wanted["objectives"]]:
+                raise BoneSoupError(
+                    f"{soup_dir / MANIFEST} has objectives {names}, this launch has "
+                    f"{[o.get('name') for o in wanted['objectives']]}: use another --soup_dir"
+                )
+            return manifest
+        manifest = {**wanted, "created": _now(), "backbones": [None] * wanted["n"]}
+        _write(soup_dir, manifest)
+        return manifest
+
+
+def register_backbone(soup_dir: str | os.PathLike, index: int, **fields) -> dict:
+    """Update backbone `index`'s entry with `fields` (status, checkpoint, launch_args, ...)."""
+    soup_dir = Path(soup_dir)
+    with _locked(soup_dir):
+        manifest = read_soup(soup_dir)
+        if not 0 <= index < manifest["n"]:
+            raise BoneSoupError(f"backbone index {index} is outside 0..{manifest['n'] - 1}")
+        if "checkpoint" in fields and fields["checkpoint"] is not None:
+            fields["checkpoint"] = str(Path(fields["checkpoint"]).resolve())
+            fields.setdefault("fingerprint", checkpoint_fingerprint(fields["checkpoint"]))
+        entry = dict(manifest["backbones"][index] or {"index": index})
+        entry.update(fields, updated=_now())
+        manifest["backbones"][index] = entry
+        _write(soup_dir, manifest)
+        return manifest
+
+
+def trained_backbones(manifest: dict) -> list[str] | None:
+    """The n backbone checkpoints in row order once every one is trained, else None."""
+    entries = manifest["backbones"]
+    if all(e and e.get("status") == "trained" and e.get("checkpoint") for e in entries):
+        return [e["checkpoint"] for e in entries]
+    return None
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over a checkpoint's safetensors headers and index, in file-name order.
+
+    A safetensors header lists every tensor's name, dtype, shape and byte range, so it changes
+    whenever the checkpoint's layout does, and reading it costs kilobytes however large the model.
+    (It does not see an in-place rewrite of tensor bytes with the same layout.)
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
+    if not files:
+        raise BoneSoupError(f"{path} has no *.safetensors files")
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            if f.suffix == ".safetensors":
+                head = fh.read(8)
+                size = int.from_bytes(head, "little")
+                digest.update(f.name.encode() + head + fh.read(size))
+            else:
+                digest.update(f.name.encode() + fh.read())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,52 @@
+"""Test set-up: CPU stand-ins for the two CUDA-only modules, and tiny local checkpoints.
+
+Stand-ins (see stand_ins/README.md): `flash_attn_2_cuda` and `vllm` cannot exist on a CPU
+machine, yet OpenRLHF imports them at import time. We *append* stand_ins/ to sys.path and to
+PYTHONPATH (for subprocesses and Ray workers), so a real installed module is always found first:
+the stand-ins are used only when the real module is absent. Everything else is the installed,
+real openrlhf 0.11.2 package.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+STAND_INS = TESTS / "stand_ins"
+
+if str(STAND_INS) not in sys.path:
+    sys.path.append(str(STAND_INS))
+_pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if str(STAND_INS) not in _pythonpath:
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_pythonpath, str(STAND_INS)])
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails at once
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import tiny_models  # noqa: E402  (needs the path set-up above)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints, built once per session:
+
+    - policy: LLaMA causal LM, "llama" tokenizer (the SFT model)
+    - rm_llama: OpenRLHF-format RM sharing the policy tokenizer
+    - rm_gpt2: OpenRLHF-format RM on GPT-2 with its own "gpt2" tokenizer
+    - classifier: HF GPT-2 sequence classifier (2 labels), "gpt2" tokenizer
+    """
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {name: root / name for name in ("policy", "gpt2_lm", "rm_llama", "rm_gpt2", "classifier")}
+    llama_tok = tiny_models.make_tokenizer(root / "tok_llama", "llama")
+    gpt2_tok = tiny_models.make_tokenizer(root / "tok_gpt2", "gpt2")
+    tiny_models.make_llama_lm(paths["policy"], llama_tok, seed=0)
+    tiny_models.make_gpt2_lm(paths["gpt2_lm"], gpt2_tok, seed=1)
+    tiny_models.make_openrlhf_rm(paths["rm_llama"], paths["policy"], seed=2)
+    tiny_models.make_openrlhf_rm(paths["rm_gpt2"], paths["gpt2_lm"], seed=3)
+    tiny_models.make_hf_classifier(paths["classifier"], gpt2_tok, seed=4)
+    return paths

@@ -1,0 +1,3 @@
+"""Stand-in for vllm.inputs (see ../README.md)."""
+
+TokensPrompt = dict  # vllm's TokensPrompt is a TypedDict
