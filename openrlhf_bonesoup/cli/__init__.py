@@ -91,7 +91,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def main_entry() -> None:
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    main_entry()
