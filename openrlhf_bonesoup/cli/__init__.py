@@ -66,6 +66,53 @@ def cmd_coefficients(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import merge, soup  # torch and safetensors: loaded by this sub-command only
+
+    if args.soup_dir:
+        if args.beta is not None or args.row is not None:
+            raise BoneSoupError("--soup_dir takes B from its manifest: drop --beta/--row")
+        manifest = soup.read_soup(args.soup_dir)
+        backbones = soup.trained_backbones(manifest)
+        if backbones is None:
+            status = [(e or {}).get("status", "missing") for e in manifest["backbones"]]
+            raise BoneSoupError(f"not every backbone of {args.soup_dir} is trained yet (status {status})")
+        matrix = coefficients.check_matrix(manifest["matrix"])
+        sft = args.sft or manifest.get("sft")
+    else:
+        backbones = [b for b in args.backbones.split(",") if b]
+        args.beta = 0.7 if args.beta is None else args.beta
+        matrix = _matrix(args, len(backbones))
+        sft = args.sft
+    n = matrix.shape[0]
+    if args.preference is not None:
+        preferences = [parse_floats(args.preference, "--preference")]
+        outputs = [args.output]
+    else:
+        if args.grid is not None:
+            preferences = [mu.tolist() for mu in coefficients.preference_grid(args.grid, n)]
+        else:
+            preferences = merge.parse_preferences(args.preferences, n)
+        outputs = merge.sweep_outputs(args.output, preferences)
+    paths = merge.merge_soup(
+        backbones,
+        matrix,
+        preferences,
+        outputs,
+        sft=sft,
+        alpha=args.alpha,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        densify=args.lora_densify,
+        base=args.lora_base,
+    )
+    with np.printoptions(precision=6, suppress=True):
+        for mu, path in zip(preferences, paths, strict=True):
+            print(f"{path}: mu {np.asarray(mu)}, lambda {coefficients.merge_coefficients(matrix, mu) + 0.0}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Bone Soup for OpenRLHF: backbone rewards, merging, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -77,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="SFT extrapolation strength (>= 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_coefficients)
+
+    p = sub.add_parser("merge", help="merge backbone checkpoints for one or more preferences (streamed, atomic)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--backbones", help="comma-separated backbone checkpoints P0,P1,... in the row order of B")
+    src.add_argument("--soup_dir", help="a soup folder whose soup.json lists all n backbones as trained")
+    p.add_argument("--beta", type=float, default=None, help="diagonal of B, in (1/n, 1] (default 0.7)")
+    p.add_argument("--row", default=None, help="explicit first row of a symmetric circulant B (n >= 3)")
+    prefs = p.add_mutually_exclusive_group(required=True)
+    prefs.add_argument("--preference", help="one preference, e.g. 0.3,0.7: --output is the merged checkpoint")
+    prefs.add_argument("--preferences", help="a sweep, e.g. '0,1;0.5,0.5;1,0': one --output sub-folder each")
+    prefs.add_argument("--grid", type=int, help="n = 2: a sweep over K evenly spaced preferences (0,1) ... (1,0)")
+    p.add_argument("--sft", default=None, help="SFT checkpoint for --alpha (default: the soup's SFT model)")
+    p.add_argument("--alpha", type=float, default=0.0, help="extrapolation away from SFT: (1+a) theta - a theta_sft")
+    p.add_argument("--output", required=True, help="merged checkpoint folder (a parent folder for a sweep)")
+    p.add_argument("--output.max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument("--workers", type=int, default=1, help="processes (Ray tasks when Ray is initialised)")
+    p.add_argument("--lora.densify", dest="lora_densify", action="store_true", help="LoRA: write full weights")
+    p.add_argument("--lora.base", dest="lora_base", default=None, help="LoRA: base model folder for densify")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 
