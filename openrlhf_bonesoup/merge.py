@@ -248,21 +248,22 @@ def merge_checkpoints(
     try:
         with _sigterm_as_exit():
             if not all(adapters):
-                _stream(inputs, weights, tmps, max_shard_size, workers, progress)
                 side = _side_files(inputs)
+                _stream(inputs, weights, tmps, max_shard_size, workers, progress)
             elif densify:
                 base = _adapter_base(inputs[0], base)
-                merged, config, _ = _merge_adapters(inputs, weights)
-                deltas = [_deltas(m, config) for m in merged]
-                _stream([base], [[1.0]] * len(outputs), tmps, max_shard_size, workers, progress, deltas)
                 side = _side_files([base])
+                merged, config, _ = _merge_adapters(inputs, weights)
+                _stream(
+                    [base], [[1.0]] * len(outputs), tmps, max_shard_size, workers, progress, _deltas(merged, config)
+                )
                 for record in records:
                     record["lora"] = "densified"
                     record["base"] = {"path": str(base.resolve()), "fingerprint": soup.checkpoint_fingerprint(base)}
             else:
+                side = _side_files(inputs, skip=(ADAPTER_CONFIG,))
                 merged, config, dtype = _merge_adapters(inputs, weights)
                 _save_adapters(merged, config, dtype, tmps)
-                side = _side_files(inputs, skip=(ADAPTER_CONFIG,))
                 for record in records:
                     record["lora"] = "concatenated rank"
             for tmp, record in zip(tmps, records, strict=True):
@@ -633,23 +634,26 @@ def _adapter_base(adapter: Path, base: str | os.PathLike | None) -> Path:
     return Path(name)
 
 
-def _deltas(merged: dict, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
-    """base tensor name -> (A, B, transposed) with delta = B A (or its transpose), from a merged adapter.
+def _deltas(merged: list[dict], config: dict) -> list[dict[str, tuple[torch.Tensor, torch.Tensor, bool]]]:
+    """Per merged adapter: base tensor name -> (A, B, transposed), delta = B A (or its transpose).
 
     PEFT stores Embedding deltas and fan_in_fan_out (GPT-2 Conv1D) deltas transposed.
     """
-    out = {}
-    for name, a in merged.items():
-        match = _LORA_KEY.match(name)
-        if not match["kind"].endswith("A"):
-            continue
-        if a.ndim != 2:
-            raise BoneSoupError(f"densifying supports Linear and Embedding LoRA layers, not {name!r}")
-        b = merged[name.replace(match["kind"], match["kind"][:-1] + "B")]
-        module = match["module"].removeprefix("base_model.model.")
-        transposed = match["kind"] == "lora_embedding_A" or bool(config.get("fan_in_fan_out"))
-        out[module + ".weight"] = (a, b, transposed)
-    return out
+    deltas = []
+    for tensors in merged:
+        out = {}
+        for name, a in tensors.items():
+            match = _LORA_KEY.match(name)
+            if not match["kind"].endswith("A"):
+                continue
+            if a.ndim != 2:
+                raise BoneSoupError(f"densifying supports Linear and Embedding LoRA layers, not {name!r}")
+            b = tensors[name.replace(match["kind"], match["kind"][:-1] + "B")]
+            module = match["module"].removeprefix("base_model.model.")
+            transposed = match["kind"] == "lora_embedding_A" or bool(config.get("fan_in_fan_out"))
+            out[module + ".weight"] = (a, b, transposed)
+        deltas.append(out)
+    return deltas
 
 
 def _delta_rows(a: torch.Tensor, b: torch.Tensor, transposed: bool, start: int, end: int) -> torch.Tensor:

@@ -127,3 +127,26 @@ def make_hf_classifier(path: str | Path, tokenizer: PreTrainedTokenizerFast, num
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return model
+
+
+def make_lora_adapter(
+    path: str | Path, base_path: str | Path, *, r: int, lora_alpha: int, use_rslora: bool = False, seed: int = 0
+) -> None:
+    """A PEFT LoRA adapter (all linear layers) on the causal LM at base_path, saved as PEFT does.
+
+    PEFT initialises B to zero (a no-op adapter); a merge test needs a real delta, so A and B are random.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_path))
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules="all-linear"
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(str(path))
