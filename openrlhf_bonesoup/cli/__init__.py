@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openrlhf_bonesoup import coefficients
+from openrlhf_bonesoup import coefficients, objectives
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
 PROG = "openrlhf-bonesoup"
@@ -113,6 +113,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    if bool(args.objectives) == bool(args.reward_model_name_or_path):
+        raise BoneSoupError("give the objectives once: --reward.model_name_or_path A,B or --objectives FILE")
+    spec = args.objectives or args.reward_model_name_or_path
+    weights = objectives.weights_from_args(args, len(objectives.parse_objectives(spec)))
+    objs = objectives.load_objectives(
+        spec,
+        device=args.device,
+        model_kwargs={"param_dtype": args.param_dtype, "attn_implementation": args.attn_implementation},
+    )
+    raw = objectives.score_jsonl(objs, weights, args.input, args.output, args.batch_size)
+    print(f"wrote {raw.shape[0]} records to {args.output}; weights {weights.tolist()}")
+    print("raw values per objective (before normalisation), e.g. for `normalize: {mean: M, std: S}`:")
+    for o, column in zip(objs, raw.T, strict=True):
+        print(f"  {o.name}: mean {column.mean():.6g}, std {column.std():.6g}, normalize {o.spec['normalize']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Bone Soup for OpenRLHF: backbone rewards, merging, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -144,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora.densify", dest="lora_densify", action="store_true", help="LoRA: write full weights")
     p.add_argument("--lora.base", dest="lora_base", default=None, help="LoRA: base model folder for densify")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("score", help="score prompt/response JSONL with the training objectives and combiner")
+    p.add_argument("--reward.model_name_or_path", dest="reward_model_name_or_path", help="objectives A,B,...")
+    objectives.add_reward_arguments(p)  # the launcher's combiner flags, one definition
+    p.add_argument("--input", required=True, help='JSONL of {"prompt": ..., "response": ...}')
+    p.add_argument("--output", required=True, help='JSONL: each record plus "rewards" and "reward"')
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--ds.param_dtype", dest="param_dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--ds.attn_implementation", dest="attn_implementation", default="sdpa")
+    p.set_defaults(func=cmd_score)
     return parser
 
 
