@@ -109,7 +109,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
     with np.printoptions(precision=6, suppress=True):
         for mu, path in zip(preferences, paths, strict=True):
-            print(f"{path}: mu {np.asarray(mu)}, lambda {coefficients.merge_coefficients(matrix, mu) + 0.0}")
+            lam = np.round(coefficients.merge_coefficients(matrix, mu), 12) + 0.0  # no "-0." from rounding noise
+            print(f"{path}: mu {np.asarray(mu)}, lambda {lam}")
     return 0
 
 
