@@ -26,5 +26,5 @@ fi
 # The plugin (editable) and its test tools. --no-deps: its declared dependencies are all above, and
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" "$TORCH" numpy scipy matplotlib pyyaml pytest hypothesis ruff
+"${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml pytest hypothesis ruff
 "$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("installed:", "torch", torch.__version__, "openrlhf", m.version("openrlhf"), "transformers", transformers.__version__)'

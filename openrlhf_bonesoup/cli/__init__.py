@@ -132,6 +132,88 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import evaluate, merge, soup  # torch, transformers: loaded by this sub-command only
+
+    n = soup.read_soup(args.soup_dir)["n"]
+    if args.grid is not None:
+        preferences = [mu.tolist() for mu in coefficients.preference_grid(args.grid, n)]
+    else:
+        preferences = merge.parse_preferences(args.preferences, n)
+    compare = {}
+    for item in args.compare:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise BoneSoupError(f"--compare takes LABEL=RESULTS_JSON, got {item!r}")
+        compare[label] = path
+    results = evaluate.evaluate(
+        args.soup_dir,
+        preferences,
+        args.prompts,
+        args.output,
+        objectives=args.objectives,
+        alpha=_alpha(args.alpha),
+        alpha_prompts=args.alpha_prompts,
+        data={k: getattr(args, k) for k in evaluate.DATA},
+        sampling={k: getattr(args, k) for k in evaluate.SAMPLING},
+        compare=compare,
+        reference=parse_floats(args.reference, "--reference") if args.reference else None,
+        label=args.label,
+        overwrite=args.overwrite,
+        workers=args.workers,
+    )
+    names = results["objectives"]
+    print(f"{results['label']} (beta {results['beta']:g}, alpha {results['alpha']}), {results['backend']} generation:")
+    for mu, mean, err in zip(results["preferences"], results["mean"], results["sem"], strict=True):
+        cells = [
+            f"{x} {m:.4g} +- {'n/a' if e is None else format(e, '.2g')}"
+            for x, m, e in zip(names, mean, err, strict=True)
+        ]
+        print(f"  mu {[round(v, 4) for v in mu]}: " + ", ".join(cells))
+    print(f"hypervolume (reference point {results['reference_point']}): {results['hypervolume']}")
+    print(f"controllability (Spearman, score vs weight): {results['controllability']}")
+    print(f"wrote {args.output}/results.json, results.csv, pareto.png")
+    return 0
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise BoneSoupError(f"--alpha takes a number >= 0 or 'auto', got {text!r}") from None
+
+
+def cmd_select_beta(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import evaluate
+
+    reference = parse_floats(args.reference, "--reference") if args.reference else None
+    out = evaluate.select_beta(args.results, reference)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"hypervolume against {out['reference_point']} ({out['reference_rule']}):")
+    for run in out["runs"]:
+        print(f"  beta {run['beta']:g}: {run['hypervolume']:.6g}  ({run['path']})")
+    print(f"best: beta {out['best']['beta']:g}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import demo
+
+    r = demo.run_demo(args.output, args.beta)
+    print(f"quadratic rewards, beta {r['beta']:g}: two soups merged at 101 preferences in {r['seconds']:.1f} s")
+    print(f"hypervolume, 11 preferences, reference {r['reference_point']} (this instance): {r['hypervolume']}")
+    print(
+        f"Bone Soup beats Rewarded Soup for mu_1 in {r['win_interval']} (measured); "
+        f"Theorem 1 guarantees [{r['theorem_interval'][0]:.4f}, {r['theorem_interval'][1]:.4f}]"
+    )
+    print(f"wrote {args.output}/results.json and {args.output}/{r['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Bone Soup for OpenRLHF: backbone rewards, merging, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -174,6 +256,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds.param_dtype", dest="param_dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--ds.attn_implementation", dest="attn_implementation", default="sdpa")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="merge a soup at each preference, generate, score: front, hypervolume, plot")
+    p.add_argument("--soup_dir", required=True, help="a soup folder whose soup.json lists all n backbones as trained")
+    prefs = p.add_mutually_exclusive_group(required=True)
+    prefs.add_argument("--grid", type=int, help="n = 2: K evenly spaced preferences (0,1) ... (1,0); the paper uses 11")
+    prefs.add_argument("--preferences", help="explicit preferences, e.g. '0,1;0.5,0.5;1,0'")
+    p.add_argument("--prompts", required=True, help="JSONL of prompts (key: --data.input_key)")
+    p.add_argument(
+        "--objectives", default=None, help="objectives spec (RM paths A,B or a YAML/JSON file); default: the soup's own"
+    )
+    p.add_argument("--output", required=True, help="folder for results.json, results.csv, pareto.png, models/")
+    p.add_argument("--alpha", default="0", help="SFT extrapolation strength, or 'auto': the reference's search")
+    p.add_argument("--alpha_prompts", default=None, help="JSONL validation split for --alpha auto")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        help="LABEL=RESULTS_JSON of another soup or MORLHF points to overlay (repeatable)",
+    )
+    p.add_argument("--reference", default=None, help="hypervolume reference point r1,r2,... (default: common nadir)")
+    p.add_argument("--label", default=None, help="name of this soup in plots and results (default: bone_soup)")
+    p.add_argument("--data.input_key", dest="input_key", default="input", help="JSON key of the prompt")
+    p.add_argument("--data.input_template", dest="input_template", default=None, help='e.g. "User: {}\\nAssistant: "')
+    p.add_argument("--data.apply_chat_template", dest="apply_chat_template", action="store_true")
+    p.add_argument("--data.max_samples", dest="max_samples", type=int, default=None, help="first N prompts only")
+    p.add_argument("--eval.max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--eval.temperature", dest="temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--eval.top_p", dest="top_p", type=float, default=0.9)
+    p.add_argument("--eval.seed", dest="seed", type=int, default=42)
+    p.add_argument("--eval.batch_size", dest="batch_size", type=int, default=8, help="transformers and scoring batch")
+    p.add_argument("--vllm.gpu_memory_utilization", dest="gpu_memory_utilization", type=float, default=0.6)
+    p.add_argument("--overwrite", action="store_true", help="replace existing merged models in --output")
+    p.add_argument("--workers", type=int, default=1, help="merge processes")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("select-beta", help="name the beta whose evaluation (results.json) has the largest hypervolume")
+    p.add_argument("results", nargs="+", help="results.json of evaluate, one per beta")
+    p.add_argument("--reference", default=None, help="hypervolume reference point (default: common nadir of all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_select_beta)
+
+    p = sub.add_parser("demo", help="CPU demo of Theorem 1: quadratic rewards, real soups, merges and evaluation")
+    p.add_argument("--output", required=True, help="folder for results.json, demo.png and the two soups")
+    p.add_argument("--beta", type=float, default=0.7, help="diagonal of B, in (1/2, 1] (default 0.7)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,576 @@
+"""Evaluation: preference grid -> merged models -> generations -> objective scores -> front, hypervolume, plot.
+
+For each preference mu the soup's backbones are merged (one sweep of the merge engine writes all K
+models), every merged model answers the same prompts with the same seeded sampling (vLLM when it is
+really installed and a GPU is present, else transformers' `generate`), and every response is scored
+by the soup's objectives with objectives.py's scoring core, the code the PPO reward used. Per
+preference we keep the mean and standard error of each objective; across preferences the Pareto
+front, the hypervolume (reference point stated in results.json), controllability (Spearman
+correlation of each objective's mean score with its weight) and a plot that can overlay other soups.
+
+Libraries: hypervolume and non-dominated filtering are moocore's (the maintained C implementation
+that pymoo's HV indicator calls), Spearman is scipy's, the plot matplotlib's. Nothing here imports
+openrlhf except through objectives.py. `--alpha auto` is the reference code's extrapolation search
+(see search_alpha); `select_beta` compares short runs for several betas by hypervolume.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from openrlhf_bonesoup import soup
+from openrlhf_bonesoup.coefficients import REFERENCE_ALPHAS, BoneSoupError, check_matrix, check_preference
+
+FORMAT = "openrlhf-bonesoup/eval/v1"
+# The reference code samples with top_p 0.9 (top_k off) and 128 new tokens on its assistant task.
+# vLLM keeps 40% of the GPU free for the objectives' reward models, which share it.
+SAMPLING = {
+    "max_new_tokens": 128,
+    "temperature": 1.0,
+    "top_p": 0.9,
+    "seed": 42,
+    "batch_size": 8,
+    "gpu_memory_utilization": 0.6,
+}
+DATA = {"input_key": "input", "input_template": None, "apply_chat_template": False, "max_samples": None}
+REFERENCE_RULE = "common nadir: per objective, the lowest mean score over every front compared"
+
+# ---------------------------------------------------------------------------------------------------
+# Fronts and indicators (all objectives are maximised).
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """True for each point that no other point dominates (exact duplicates: the first is kept)."""
+    import moocore
+
+    return moocore.is_nondominated(np.asarray(points, dtype=np.float64), maximise=True)
+
+
+def common_reference(fronts: Sequence[np.ndarray]) -> np.ndarray:
+    """The common nadir of several fronts: per objective, the lowest value of any point in any front."""
+    return np.min(np.concatenate([np.asarray(f, dtype=np.float64) for f in fronts]), axis=0)
+
+
+def hypervolume(points: np.ndarray, reference: Sequence[float]) -> float:
+    """Volume dominated by `points` and dominating `reference`; points not above it add nothing."""
+    import moocore
+
+    return float(moocore.hypervolume(np.asarray(points, dtype=np.float64), ref=np.asarray(reference), maximise=True))
+
+
+def controllability(preferences: np.ndarray, means: np.ndarray) -> list[float | None]:
+    """Spearman correlation of objective i's mean score with its weight mu_i, for each i.
+
+    1 means the scores follow the requested trade-off in rank order. None where it is undefined
+    (a weight or a score that never changes across the preferences).
+    """
+    from scipy.stats import ConstantInputWarning, spearmanr
+
+    out = []
+    for i in range(means.shape[1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            rho = spearmanr(preferences[:, i], means[:, i]).statistic
+        out.append(None if not np.isfinite(rho) else float(rho))
+    return out
+
+
+def win_interval(preferences: np.ndarray, ours: np.ndarray, theirs: np.ndarray) -> list[float] | None:
+    """[lo, hi] of mu_1 over the longest run of consecutive preferences where mu . ours >= mu . theirs.
+
+    Both fronts must be measured at the same preferences (n = 2, sorted by mu_1). The ends are
+    measured preferences; between two of them the scalarised rewards are not measured. None if
+    ours never wins. A relative tolerance of 1e-9 absorbs float round-off on exact ties.
+    """
+    ours_s, theirs_s = (np.sum(preferences * p, axis=1) for p in (ours, theirs))
+    wins = ours_s >= theirs_s - 1e-9 * np.maximum(1.0, np.abs(theirs_s))
+    best, start = None, None
+    for k, win in enumerate([*wins, False]):
+        if win and start is None:
+            start = k
+        elif not win and start is not None:
+            if best is None or k - start > best[1] - best[0]:
+                best = (start, k)
+            start = None
+    return None if best is None else [float(preferences[best[0], 0]), float(preferences[best[1] - 1, 0])]
+
+
+def summarise(preferences: Sequence[Sequence[float]], samples: Sequence[np.ndarray], names: Sequence[str]) -> dict:
+    """Per preference the mean and standard error of every objective over its samples, the Pareto
+    front of the means and each objective's controllability."""
+    from scipy.stats import sem
+
+    prefs = np.asarray(preferences, dtype=np.float64)
+    means = np.stack([np.mean(s, axis=0) for s in samples])
+    with warnings.catch_warnings():  # one sample has no standard error: recorded as null
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sems = np.stack([sem(s, axis=0) if len(s) > 1 else np.full(s.shape[1], np.nan) for s in samples])
+    return {
+        "objectives": list(names),
+        "preferences": prefs.tolist(),
+        "samples": [len(s) for s in samples],
+        "mean": means.tolist(),
+        "sem": [[None if not np.isfinite(x) else float(x) for x in row] for row in sems],
+        "pareto": pareto_mask(means).tolist(),
+        "controllability": dict(zip(names, controllability(prefs, means), strict=True)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Merge plans.
+
+
+def soup_weights(matrix: np.ndarray, mu: Sequence[float], alphas: Sequence[float]) -> tuple[np.ndarray, float]:
+    """Backbone weights and SFT weight of the merged model for preference mu.
+
+    alphas holds one SFT extrapolation strength per objective. The reference code merges, for mu,
+    sum_i mu_i [(1 + alpha_i) lambda(e_i) theta - alpha_i theta_sft]; lambda is linear in mu, so the
+    backbone weights are B^-T (mu * (1 + alpha)) and the SFT weight is -mu . alpha. With one alpha
+    for all objectives this is coefficients.extrapolation_weights(lambda(mu), alpha).
+    """
+    mu = check_preference(mu, matrix.shape[0])
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if alphas.shape != mu.shape or not np.all(np.isfinite(alphas)) or (alphas < 0).any():
+        raise BoneSoupError(f"alpha needs {mu.size} finite values >= 0 (one per objective), got {alphas.tolist()}")
+    return np.linalg.solve(np.asarray(matrix, dtype=np.float64).T, mu * (1.0 + alphas)), -float(mu @ alphas)
+
+
+def merge_preferences(
+    backbones: Sequence[str | os.PathLike],
+    matrix: np.ndarray,
+    sft: str | None,
+    preferences: Sequence[Sequence[float]],
+    alphas: Sequence[Sequence[float]],
+    outputs: Sequence[str | os.PathLike],
+    **engine_kw,
+) -> list[Path]:
+    """One sweep of the merge engine: outputs[k] merges the backbones for preferences[k] with the
+    per-objective extrapolation alphas[k] (see soup_weights). merge.merge_soup does the same for a
+    single alpha; the per-objective alphas of `--alpha auto` need the plan written out here.
+    LoRA backbones extrapolate away from their base model (a zero adapter), so the SFT model is
+    an input only for full checkpoints, as in merge_soup."""
+    from openrlhf_bonesoup import merge
+
+    matrix = check_matrix(matrix)
+    lora = all((Path(b) / merge.ADAPTER_CONFIG).is_file() for b in backbones)
+    use_sft = any(a for row in alphas for a in row) and not lora
+    if use_sft and not sft:
+        raise BoneSoupError("alpha > 0 extrapolates away from the SFT model, but the soup records no SFT checkpoint")
+    inputs = [*backbones, *([sft] if use_sft else [])]
+    rows, records = [], []
+    for mu, a in zip(preferences, alphas, strict=True):
+        weights, sft_weight = soup_weights(matrix, mu, a)
+        rows.append([*weights.tolist(), *([sft_weight] if use_sft else [])])
+        records.append(
+            {
+                "method": "bone soup",
+                "preference": [float(x) for x in mu],
+                "beta": float(matrix[0, 0]),
+                "matrix": matrix.tolist(),
+                "alpha": [float(x) for x in a],
+                "sft_weight": sft_weight,
+            }
+        )
+    return merge.merge_checkpoints(inputs, rows, outputs, provenance=records, **engine_kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts and generation.
+
+
+def read_prompts(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, **data) -> list[str]:
+    """Prompt texts from a JSON-lines file, formatted as OpenRLHF's PPO formats its prompts.
+
+    This mirrors openrlhf.datasets.prompts_dataset.preprocess_data (0.11.2) for text prompts:
+    apply_chat_template -> the tokenizer's chat template with a generation prompt; else the
+    input_template's "{}" filled with the input. Mirrored, not imported, because only integration/
+    imports OpenRLHF; tests/test_evaluate.py checks both give the same text.
+    """
+    data = {**DATA, **data}
+    path = Path(path)
+    if not path.is_file():
+        raise BoneSoupError(f"prompts file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BoneSoupError(f"{path}:{number} is not a JSON line: {e}") from None
+        if not isinstance(row, dict) or data["input_key"] not in row:
+            raise BoneSoupError(f"{path}:{number} has no key {data['input_key']!r} (set --data.input_key)")
+        rows.append(row[data["input_key"]])
+    rows = rows[: data["max_samples"]] if data["max_samples"] else rows
+    if not rows:
+        raise BoneSoupError(f"{path} holds no prompts")
+    if data["apply_chat_template"]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        chats = [[{"role": "user", "content": r}] if isinstance(r, str) else r for r in rows]
+        return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    template = data["input_template"]
+    return [template.format(r) if template else r for r in rows]
+
+
+def vllm_usable() -> bool:
+    """True when vLLM is really installed (not the CPU tests' stand-in) and a CUDA GPU is present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import vllm
+
+        vllm.LLM  # noqa: B018  (the stand-in raises on any attribute it does not define)
+    except Exception:
+        return False
+    return not getattr(vllm, "STAND_IN", False)
+
+
+def generate(model_dir: str | os.PathLike, prompts: Sequence[str], sampling: dict) -> list[str]:
+    """One sampled response per prompt, seeded: vLLM when usable, else transformers' generate.
+
+    temperature 0 is greedy decoding in both. Responses are decoded without special tokens.
+    """
+    sampling = {**SAMPLING, **sampling}
+    if vllm_usable():
+        return _generate_vllm(model_dir, prompts, sampling)
+    return _generate_hf(model_dir, prompts, sampling)
+
+
+def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
+    import torch
+    import vllm
+
+    llm = vllm.LLM(
+        model=str(model_dir), seed=sampling["seed"], gpu_memory_utilization=sampling["gpu_memory_utilization"]
+    )
+    params = vllm.SamplingParams(
+        temperature=sampling["temperature"],
+        top_p=sampling["top_p"],
+        max_tokens=sampling["max_new_tokens"],
+        seed=sampling["seed"],
+        skip_special_tokens=True,
+    )
+    texts = [out.outputs[0].text for out in llm.generate(list(prompts), params)]
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return texts
+
+
+def _generate_hf(model_dir, prompts, sampling) -> list[str]:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = "auto" if device == "cuda" else torch.float32  # bf16 matmuls are slow on CPUs
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    greedy = sampling["temperature"] == 0
+    kwargs = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
+    )
+    torch.manual_seed(sampling["seed"])  # one seeded stream per model: every preference samples alike
+    texts = []
+    size = sampling["batch_size"]
+    for start in tqdm(range(0, len(prompts), size), desc=f"generating {Path(model_dir).name}", unit="batch"):
+        batch = tokenizer(list(prompts[start : start + size]), return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=sampling["max_new_tokens"], pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
+        texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    del model
+    gc.collect()
+    return texts
+
+
+def score_responses(objectives: Sequence, prompts: Sequence[str], responses: Sequence[str], batch_size: int):
+    """(N, n) raw objective values of prompt + response, in batches, through objectives.raw_scores.
+
+    Raw, i.e. before each objective's training-time normalisation: a "running" normalisation would
+    make a score depend on what was scored before it, and evaluation compares models in the reward
+    models' own units, as the paper reports them.
+    """
+    from tqdm import tqdm
+
+    from openrlhf_bonesoup.objectives import raw_scores
+
+    parts = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch"):
+        p, r = prompts[start : start + batch_size], responses[start : start + batch_size]
+        parts.append(raw_scores(objectives, texts=[a + b for a, b in zip(p, r, strict=True)], prompts=list(p)))
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def search_alpha(
+    backbones: Sequence[str],
+    matrix: np.ndarray,
+    sft: str | None,
+    score_model: Callable[[Path], np.ndarray],
+    workdir: str | os.PathLike,
+    **engine_kw,
+) -> tuple[list[float], list[list[list[float]]]]:
+    """The reference code's SFT extrapolation search, on a small validation split.
+
+    For each objective i, merge its corner e_i for every alpha in coefficients.REFERENCE_ALPHAS
+    (the reference's k = 1/(1-a), a in 0.1..0.5: weights k lambda(e_i), SFT weight 1 - k), score the
+    merged model and keep the alpha with the best mean score on objective i. Returns one alpha per
+    objective and the table means[i][a] of all mean scores. The 5 n candidate models are one merge
+    sweep, removed afterwards. `score_model(folder)` returns the (N, n) scores on the validation split.
+    """
+    n = matrix.shape[0]
+    plans = [(i, a) for i in range(n) for a in REFERENCE_ALPHAS]
+    workdir = Path(workdir)
+    outputs = [workdir / f"objective{i}_alpha{a:.4f}" for i, a in plans]
+    corners = [np.eye(n)[i].tolist() for i, _ in plans]
+    alphas = [[a] * n for _, a in plans]
+    try:
+        models = merge_preferences(backbones, matrix, sft, corners, alphas, outputs, **engine_kw)
+        means = [np.mean(score_model(m), axis=0) for m in models]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = [[means[i * len(REFERENCE_ALPHAS) + k].tolist() for k in range(len(REFERENCE_ALPHAS))] for i in range(n)]
+    best = [REFERENCE_ALPHAS[int(np.argmax([row[i] for row in table[i]]))] for i in range(n)]
+    return best, table
+
+
+def evaluate(
+    soup_dir: str | os.PathLike,
+    preferences: Sequence[Sequence[float]],
+    prompts: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    objectives: str | None = None,
+    alpha: float | str = 0.0,
+    alpha_prompts: str | os.PathLike | None = None,
+    data: dict | None = None,
+    sampling: dict | None = None,
+    compare: dict[str, str] | None = None,
+    reference: Sequence[float] | None = None,
+    label: str | None = None,
+    **engine_kw,
+) -> dict:
+    """Evaluate a trained soup at every preference; write results.json, results.csv and pareto.png.
+
+    objectives: a spec for objectives.load_objectives; default the soup's own (those it trained on).
+    alpha: one SFT extrapolation strength, or "auto" (search_alpha on alpha_prompts).
+    compare: label -> another evaluation's results.json (or any JSON with "mean": [[r_1..r_n], ...]),
+    overlaid on the plot and given a hypervolume against the same reference point.
+    engine_kw go to merge.merge_checkpoints (overwrite, workers, max_shard_size).
+    """
+    import torch
+
+    from openrlhf_bonesoup.objectives import load_objectives
+
+    manifest = soup.read_soup(soup_dir)
+    backbones = soup.trained_backbones(manifest)
+    if backbones is None:
+        status = [(e or {}).get("status", "missing") for e in manifest["backbones"]]
+        raise BoneSoupError(f"not every backbone of {soup_dir} is trained yet (status {status})")
+    matrix, n, sft = check_matrix(manifest["matrix"]), manifest["n"], manifest.get("sft")
+    preferences = [check_preference(mu, n).tolist() for mu in preferences]
+    if alpha == "auto" and alpha_prompts is None:
+        raise BoneSoupError("--alpha auto searches on a validation split: give --alpha_prompts FILE")
+    others = {name: load_front(path) for name, path in (compare or {}).items()}
+    sampling = {**SAMPLING, **(sampling or {})}
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    texts = read_prompts(prompts, backbones[0], **(data or {}))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    objs = load_objectives(objectives or manifest["objectives"], device=device)
+    if len(objs) != n:
+        raise BoneSoupError(f"{len(objs)} objectives given but the soup has n = {n}")
+    names = [o.name for o in objs]
+
+    def score_model(model: Path, prompt_texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        responses = generate(model, prompt_texts, sampling)
+        return score_responses(objs, prompt_texts, responses, sampling["batch_size"]), responses
+
+    search = None
+    if alpha == "auto":
+        val = read_prompts(alpha_prompts, backbones[0], **(data or {}))
+        best, table = search_alpha(
+            backbones, matrix, sft, lambda m: score_model(m, val)[0], output / "alpha_search", **engine_kw
+        )
+        search = {"candidates": list(REFERENCE_ALPHAS), "validation_prompts": len(val), "means": table, "best": best}
+        alphas = best
+    else:
+        alphas = [float(alpha)] * n
+    from tqdm import tqdm
+
+    from openrlhf_bonesoup.merge import sweep_outputs
+
+    models = merge_preferences(
+        backbones,
+        matrix,
+        sft,
+        preferences,
+        [alphas] * len(preferences),
+        sweep_outputs(output / "models", preferences),
+        **engine_kw,
+    )
+    samples = []
+    (output / "generations").mkdir(exist_ok=True)
+    for model in tqdm(models, desc="preferences", unit="model"):
+        scores, responses = score_model(model, texts)
+        samples.append(scores)
+        with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
+            for p, r, s in zip(texts, responses, scores, strict=True):
+                f.write(json.dumps({"prompt": p, "response": r, **dict(zip(names, s.tolist(), strict=True))}) + "\n")
+    beta = float(manifest["beta"])
+    label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
+    results = {
+        "format": FORMAT,
+        "label": label,
+        "soup_dir": str(Path(soup_dir).resolve()),
+        "beta": beta,
+        "matrix": matrix.tolist(),
+        "alpha": alphas,
+        "alpha_search": search,
+        "prompts": str(Path(prompts).resolve()),
+        "backend": "vllm" if vllm_usable() else "transformers",
+        "sampling": sampling,
+        "scores": "raw objective values (before training-time normalisation)",
+        **summarise(preferences, samples, names),
+    }
+    add_fronts(results, others, reference)
+    write_results(results, output, others)
+    return results
+
+
+def add_fronts(results: dict, others: dict[str, dict], reference: Sequence[float] | None) -> None:
+    """Hypervolume of results' front and of every other front against one reference point, and the
+    win interval against each other front measured at the same preferences (n = 2)."""
+    fronts = {results["label"]: np.asarray(results["mean"])} | {k: np.asarray(v["mean"]) for k, v in others.items()}
+    for name, front in fronts.items():
+        if front.ndim != 2 or front.shape[1] != len(results["objectives"]):
+            raise BoneSoupError(f"front {name!r} needs points with {len(results['objectives'])} objectives")
+    ref = np.asarray(reference, dtype=np.float64) if reference is not None else common_reference(list(fronts.values()))
+    results["reference_point"] = ref.tolist()
+    results["reference_rule"] = "given (--reference)" if reference is not None else REFERENCE_RULE
+    results["hypervolume"] = {name: hypervolume(front, ref) for name, front in fronts.items()}
+    prefs = np.asarray(results["preferences"])
+    results["win_interval"] = {
+        name: win_interval(prefs, np.asarray(results["mean"]), np.asarray(other["mean"]))
+        for name, other in others.items()
+        if prefs.shape[1] == 2 and same_preferences(other.get("preferences"), prefs)
+    }
+
+
+def same_preferences(a, b) -> bool:
+    """Whether two lists of preferences are the same points in the same order."""
+    a, b = (np.asarray(x if x is not None else [], dtype=np.float64) for x in (a, b))
+    return a.shape == b.shape and np.allclose(a, b)
+
+
+def load_front(path: str | os.PathLike) -> dict:
+    """An evaluation's results.json, or any JSON with "mean": [[r_1, ..., r_n], ...] (MORLHF points)."""
+    path = Path(path)
+    try:
+        front = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BoneSoupError(f"cannot read front {path}: {e}") from None
+    if not isinstance(front, dict) or "mean" not in front:
+        raise BoneSoupError(f'{path} has no "mean": [[r_1, ..., r_n], ...] list of points')
+    return front
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def plot_fronts(ax, fronts: dict[str, np.ndarray], names: Sequence[str], reference: Sequence[float] | None = None):
+    """Draw each front (points in preference order, joined) on a matplotlib Axes; objectives 1 and 2."""
+    for label, points in fronts.items():
+        points = np.asarray(points)
+        ax.plot(points[:, 0], points[:, 1], marker="o", markersize=4, linewidth=1.2, label=label)
+    if reference is not None:
+        ax.plot(*reference[:2], marker="x", color="black", linestyle="none", label="HV reference point")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
+    """results.json, results.csv (one row per preference) and pareto.png into output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["objectives"]
+    with open(output / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"mu_{x}" for x in names] + [f"{x}_{s}" for x in names for s in ("mean", "sem")] + ["pareto"])
+        for mu, mean, err, front in zip(
+            results["preferences"], results["mean"], results["sem"], results["pareto"], strict=True
+        ):
+            writer.writerow([*mu, *[v for pair in zip(mean, err, strict=True) for v in pair], front])
+    fig, ax = plt.subplots(figsize=(6, 5))
+    fronts = {results["label"]: results["mean"]} | {k: v["mean"] for k, v in others.items()}
+    plot_fronts(ax, fronts, names, results["reference_point"])
+    hv = ", ".join(f"{k} {v:.4g}" for k, v in results["hypervolume"].items())
+    extra = f" (objectives 1-2 of {len(names)})" if len(names) > 2 else ""
+    ax.set_title(f"Pareto fronts{extra}\nhypervolume: {hv}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(output / "pareto.png", dpi=120)
+    plt.close(fig)
+    results["files"] = {"csv": "results.csv", "plot": "pareto.png", "models": "models/", "generations": "generations/"}
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def select_beta(paths: Sequence[str | os.PathLike], reference: Sequence[float] | None = None) -> dict:
+    """Name the beta whose evaluation has the largest hypervolume.
+
+    The runs must score the same objectives at the same preferences; their hypervolumes are computed
+    against one reference point, the common nadir of all runs unless one is given.
+    """
+    runs = [(Path(p), load_front(p)) for p in paths]
+    if len(runs) < 2:
+        raise BoneSoupError("select-beta compares at least two evaluations (one results.json per beta)")
+    first = runs[0][1]
+    for path, run in runs:
+        if "beta" not in run:
+            raise BoneSoupError(f"{path} records no beta: pass results.json files written by evaluate")
+        if run.get("objectives") != first.get("objectives"):
+            raise BoneSoupError(
+                f"{path} scores objectives {run.get('objectives')}, {runs[0][0]} {first.get('objectives')}"
+            )
+        if not same_preferences(run.get("preferences"), first.get("preferences")):
+            raise BoneSoupError(f"{path} and {runs[0][0]} were evaluated at different preferences")
+    fronts = [np.asarray(run["mean"]) for _, run in runs]
+    ref = np.asarray(reference, dtype=np.float64) if reference is not None else common_reference(fronts)
+    table = [
+        {"path": str(path), "beta": run["beta"], "hypervolume": hypervolume(front, ref)}
+        for (path, run), front in zip(runs, fronts, strict=True)
+    ]
+    best = max(table, key=lambda row: row["hypervolume"])
+    return {
+        "reference_point": ref.tolist(),
+        "reference_rule": "given (--reference)" if reference is not None else REFERENCE_RULE.replace("front", "run"),
+        "runs": table,
+        "best": best,
+    }

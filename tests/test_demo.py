@@ -1,0 +1,98 @@
+"""The CPU demo: Theorem 1's interval measured through real soups, merges and evaluation code."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from scipy.optimize import minimize
+
+from openrlhf_bonesoup import demo, soup
+from openrlhf_bonesoup.cli import main
+from openrlhf_bonesoup.coefficients import backbone_matrix, merge_coefficients
+
+
+def _theorem(beta):
+    s = np.sqrt(2 * beta**2 - 2 * beta + 1)
+    return (1 - s) / 2, (1 + s) / 2
+
+
+@pytest.mark.parametrize("beta", [0.6, 0.7, 0.8])
+def test_demo_win_interval_contains_the_theorem_interval(tmp_path, beta):
+    r = demo.run_demo(tmp_path / "out", beta)
+    lo, hi = _theorem(beta)
+    assert r["theorem_interval"] == [pytest.approx(lo), pytest.approx(hi)]
+    assert r["win_interval"][0] <= lo and hi <= r["win_interval"][1]
+    assert r["win_contains_theorem"] is True
+    # the stated instance: Bone Soup's hypervolume above Rewarded Soup's, below the MORLHF oracle's
+    hv = r["hypervolume"]
+    assert hv["rewarded_soup"] < hv["bone_soup"] < hv["morlhf"]
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"hypervolume", "beta", "win_interval", "theorem_interval", "reference_point"} <= written.keys()
+    assert written["beta"] == beta and written["hypervolume"] == hv
+    png = (tmp_path / "out" / "demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_demo_soups_and_merges_are_real(tmp_path):
+    demo.run_demo(tmp_path, 0.7)
+    manifest = soup.read_soup(tmp_path / "bone_soup")
+    assert manifest["beta"] == 0.7 and manifest["matrix"] == backbone_matrix(0.7, 2).tolist()
+    backbones = [load_file(p + "/model.safetensors")["theta"] for p in soup.trained_backbones(manifest)]
+    rewarded = soup.read_soup(tmp_path / "rewarded_soup")
+    assert rewarded["matrix"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert [load_file(p + "/model.safetensors")["theta"].tolist() for p in soup.trained_backbones(rewarded)] == [
+        [1.0, 0.0],
+        [0.0, 1.0],
+    ]
+    # a merged checkpoint holds sum_j lambda_j theta_j, lambda = B^-1 mu, as the merge engine wrote it
+    merged = tmp_path / "bone_soup" / "merged" / "mu_0.30_0.70"
+    lam = merge_coefficients(backbone_matrix(0.7, 2), [0.3, 0.7])
+    expected = lam[0] * backbones[0] + lam[1] * backbones[1]
+    np.testing.assert_allclose(load_file(str(merged / "model.safetensors"))["theta"], expected, rtol=1e-6)
+    provenance = json.loads((merged / "bonesoup_merge.json").read_text())
+    assert provenance["weights"] == pytest.approx(lam.tolist())
+    assert len(list((tmp_path / "bone_soup" / "merged").iterdir())) == 101
+
+
+def test_closed_form_optimum_matches_numerical_optimisation():
+    for weights in ([1, 0], [0.7, 0.3], [0.2, 0.8]):
+        found = minimize(lambda t, w=weights: -np.dot(w, demo.rewards(t)), x0=np.zeros(2)).x
+        np.testing.assert_allclose(demo.optimum(weights), found, atol=1e-5)
+
+
+def test_theorem_holds_on_random_instances():
+    # The guarantee the demo measures, on 60 random instances per beta (closed forms, no files).
+    rng = np.random.default_rng(0)
+    for beta in (0.6, 0.7, 0.8):
+        lo, hi = _theorem(beta)
+        matrix = backbone_matrix(beta, 2)
+        mus = [np.array([m, 1 - m]) for m in np.linspace(lo, hi, 41)]
+        for _ in range(60):
+            c, a = rng.normal(size=(2, 3)), np.exp(rng.normal(size=(2, 3)))
+            thetas = [demo.optimum(row, c, a) for row in matrix]
+            for mu in mus:
+                lam = merge_coefficients(matrix, mu)
+                bone = demo.rewards(lam[0] * thetas[0] + lam[1] * thetas[1], c, a)
+                rewarded = demo.rewards(mu[0] * c[0] + mu[1] * c[1], c, a)
+                assert mu @ bone >= mu @ rewarded - 1e-9
+
+
+def test_demo_cli(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Theorem 1 guarantees [0.1192, 0.8808]" in printed and "demo.png" in printed
+    assert main(["demo", "--output", str(out), "--beta", "0.8"]) == 0  # an earlier demo is replaced
+    assert json.loads((out / "results.json").read_text())["beta"] == 0.8
+    assert soup.read_soup(out / "bone_soup")["beta"] == 0.8
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["demo", "--output", str(foreign)]) == 2
+    assert main(["demo", "--output", str(tmp_path / "x"), "--beta", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "beta must lie in" in err and "Traceback" not in err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "x").exists()
