@@ -22,13 +22,19 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from openrlhf_bonesoup import soup
-from openrlhf_bonesoup.coefficients import REFERENCE_ALPHAS, BoneSoupError, check_matrix, check_preference
+from openrlhf_bonesoup.coefficients import (
+    REFERENCE_ALPHAS,
+    BoneSoupError,
+    check_matrix,
+    check_preference,
+    extrapolation_weights,
+)
 
 FORMAT = "openrlhf-bonesoup/eval/v1"
 # The reference code samples with top_p 0.9 (top_k off) and 128 new tokens on its assistant task.
@@ -328,32 +334,38 @@ def search_alpha(
     backbones: Sequence[str],
     matrix: np.ndarray,
     sft: str | None,
-    score_model: Callable[[Path], np.ndarray],
+    objectives: Sequence,
+    prompts: Sequence[str],
     workdir: str | os.PathLike,
+    sampling: dict | None = None,
     **engine_kw,
-) -> tuple[list[float], list[list[list[float]]]]:
-    """The reference code's SFT extrapolation search, on a small validation split.
+) -> dict:
+    """The reference code's SFT extrapolation search (`--alpha auto`), on a small validation split.
 
     For each objective i, merge its corner e_i for every alpha in coefficients.REFERENCE_ALPHAS
-    (the reference's k = 1/(1-a), a in 0.1..0.5: weights k lambda(e_i), SFT weight 1 - k), score the
-    merged model and keep the alpha with the best mean score on objective i. Returns one alpha per
-    objective and the table means[i][a] of all mean scores. The 5 n candidate models are one merge
-    sweep, removed afterwards. `score_model(folder)` returns the (N, n) scores on the validation split.
+    (the reference's k = 1/(1-a), a in 0.1..0.5: weights k lambda(e_i), SFT weight 1 - k), generate
+    for the validation prompts, score, and keep the alpha with the best mean score on objective i.
+    The 5 n candidates are one merge sweep into workdir, removed afterwards. Returns {"best": one
+    alpha per objective, "means": means[i][a] = mean scores of corner i with candidate a, ...}.
     """
+    sampling = {**SAMPLING, **(sampling or {})}
     n = matrix.shape[0]
     plans = [(i, a) for i in range(n) for a in REFERENCE_ALPHAS]
     workdir = Path(workdir)
     outputs = [workdir / f"objective{i}_alpha{a:.4f}" for i, a in plans]
     corners = [np.eye(n)[i].tolist() for i, _ in plans]
-    alphas = [[a] * n for _, a in plans]
     try:
-        models = merge_preferences(backbones, matrix, sft, corners, alphas, outputs, **engine_kw)
-        means = [np.mean(score_model(m), axis=0) for m in models]
+        models = merge_preferences(backbones, matrix, sft, corners, [[a] * n for _, a in plans], outputs, **engine_kw)
+        means = [
+            score_responses(objectives, prompts, generate(m, prompts, sampling), sampling["batch_size"]).mean(axis=0)
+            for m in models
+        ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    table = [[means[i * len(REFERENCE_ALPHAS) + k].tolist() for k in range(len(REFERENCE_ALPHAS))] for i in range(n)]
+    k = len(REFERENCE_ALPHAS)
+    table = [[means[i * k + c].tolist() for c in range(k)] for i in range(n)]
     best = [REFERENCE_ALPHAS[int(np.argmax([row[i] for row in table[i]]))] for i in range(n)]
-    return best, table
+    return {"candidates": list(REFERENCE_ALPHAS), "validation_prompts": len(prompts), "means": table, "best": best}
 
 
 def evaluate(
@@ -381,7 +393,9 @@ def evaluate(
     engine_kw go to merge.merge_checkpoints (overwrite, workers, max_shard_size).
     """
     import torch
+    from tqdm import tqdm
 
+    from openrlhf_bonesoup.merge import sweep_outputs
     from openrlhf_bonesoup.objectives import load_objectives
 
     manifest = soup.read_soup(soup_dir)
@@ -393,6 +407,8 @@ def evaluate(
     preferences = [check_preference(mu, n).tolist() for mu in preferences]
     if alpha == "auto" and alpha_prompts is None:
         raise BoneSoupError("--alpha auto searches on a validation split: give --alpha_prompts FILE")
+    if alpha != "auto":
+        extrapolation_weights([1.0], alpha)  # a bad alpha fails here, before any model is loaded
     others = {name: load_front(path) for name, path in (compare or {}).items()}
     sampling = {**SAMPLING, **(sampling or {})}
     output = Path(output)
@@ -404,24 +420,13 @@ def evaluate(
         raise BoneSoupError(f"{len(objs)} objectives given but the soup has n = {n}")
     names = [o.name for o in objs]
 
-    def score_model(model: Path, prompt_texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-        responses = generate(model, prompt_texts, sampling)
-        return score_responses(objs, prompt_texts, responses, sampling["batch_size"]), responses
-
     search = None
     if alpha == "auto":
         val = read_prompts(alpha_prompts, backbones[0], **(data or {}))
-        best, table = search_alpha(
-            backbones, matrix, sft, lambda m: score_model(m, val)[0], output / "alpha_search", **engine_kw
-        )
-        search = {"candidates": list(REFERENCE_ALPHAS), "validation_prompts": len(val), "means": table, "best": best}
-        alphas = best
+        search = search_alpha(backbones, matrix, sft, objs, val, output / "alpha_search", sampling, **engine_kw)
+        alphas = search["best"]
     else:
         alphas = [float(alpha)] * n
-    from tqdm import tqdm
-
-    from openrlhf_bonesoup.merge import sweep_outputs
-
     models = merge_preferences(
         backbones,
         matrix,
@@ -434,18 +439,18 @@ def evaluate(
     samples = []
     (output / "generations").mkdir(exist_ok=True)
     for model in tqdm(models, desc="preferences", unit="model"):
-        scores, responses = score_model(model, texts)
+        responses = generate(model, texts, sampling)
+        scores = score_responses(objs, texts, responses, sampling["batch_size"])
         samples.append(scores)
         with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
             for p, r, s in zip(texts, responses, scores, strict=True):
                 f.write(json.dumps({"prompt": p, "response": r, **dict(zip(names, s.tolist(), strict=True))}) + "\n")
-    beta = float(manifest["beta"])
     label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
     results = {
         "format": FORMAT,
         "label": label,
         "soup_dir": str(Path(soup_dir).resolve()),
-        "beta": beta,
+        "beta": float(manifest["beta"]),
         "matrix": matrix.tolist(),
         "alpha": alphas,
         "alpha_search": search,

@@ -1,0 +1,192 @@
+"""evaluate end to end on CPU: tiny backbones, two tiny reward models, transformers' generate."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from openrlhf_bonesoup import evaluate, objectives, soup
+from openrlhf_bonesoup.cli import main
+from openrlhf_bonesoup.coefficients import (
+    REFERENCE_ALPHAS,
+    BoneSoupError,
+    backbone_matrix,
+    extrapolation_weights,
+    merge_coefficients,
+)
+
+PROMPTS = ["Human: How do I bake bread? Assistant:", "Human: Tell me a joke. Assistant:", "The weather today is"]
+
+
+def _perturbed(src, dst, seed):
+    """A 'trained backbone': the SFT policy with seeded noise on every weight."""
+    shutil.copytree(src, dst)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors = {k: v + 0.05 * torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in tensors.items()}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def soup_dir(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    specs = objectives.parse_objectives(f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    folder = root / "soup"
+    soup.init_soup(folder, objectives=specs, beta=0.7, matrix=backbone_matrix(0.7, 2), sft=str(tiny["policy"]))
+    for j in range(2):
+        checkpoint = _perturbed(tiny["policy"], root / f"backbone{j}", seed=10 + j)
+        soup.register_backbone(folder, j, status="trained", checkpoint=checkpoint)
+    (root / "eval.jsonl").write_text("".join(json.dumps({"input": p}) + "\n" for p in PROMPTS))
+    (root / "val.jsonl").write_text("".join(json.dumps({"input": p}) + "\n" for p in PROMPTS[:2]))
+    return folder
+
+
+def test_evaluate_end_to_end(soup_dir, tmp_path, capsys):
+    root = soup_dir.parent
+    morlhf = tmp_path / "morlhf.json"
+    morlhf.write_text(json.dumps({"mean": [[-10.0, -10.0], [-9.0, -11.0]]}))
+    out = tmp_path / "results"
+    common = ["--soup_dir", str(soup_dir), "--prompts", str(root / "eval.jsonl"), "--output", str(out)]
+    common += ["--eval.max_new_tokens", "6", "--eval.batch_size", "2"]
+    assert main(["evaluate", *common, "--grid", "3", "--compare", f"morlhf={morlhf}"]) == 0
+    assert "hypervolume" in capsys.readouterr().out
+
+    r = json.loads((out / "results.json").read_text())
+    assert r["backend"] == "transformers" and not evaluate.vllm_usable()  # the vllm stand-in is not vLLM
+    assert r["objectives"] == ["rm_llama", "rm_gpt2"] and r["beta"] == 0.7 and r["label"] == "bone_soup"
+    assert r["preferences"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    means, sems = np.array(r["mean"]), np.array(r["sem"], dtype=float)
+    assert means.shape == (3, 2) and np.isfinite(sems).all() and r["samples"] == [3, 3, 3]
+    fronts = np.concatenate([means, [[-10.0, -10.0], [-9.0, -11.0]]])
+    assert r["reference_point"] == fronts.min(axis=0).tolist()
+    assert set(r["hypervolume"]) == {"bone_soup", "morlhf"}
+    assert set(r["controllability"]) == {"rm_llama", "rm_gpt2"}
+
+    # every merged model is lambda = B^-1 mu of the backbones, as coefficients.py computes it
+    backbones = [load_file(p + "/model.safetensors") for p in soup.trained_backbones(soup.read_soup(soup_dir))]
+    name = "model.embed_tokens.weight"
+    for mu, folder in zip(r["preferences"], ["mu_0.00_1.00", "mu_0.50_0.50", "mu_1.00_0.00"], strict=True):
+        lam = merge_coefficients(backbone_matrix(0.7, 2), mu)
+        merged = load_file(str(out / "models" / folder / "model.safetensors"))[name]
+        torch.testing.assert_close(merged, lam[0] * backbones[0][name] + lam[1] * backbones[1][name])
+
+    # the recorded scores are the objectives' own scores of the recorded responses, and the means
+    # in results.json/results.csv are their averages
+    objs = objectives.load_objectives(soup.read_soup(soup_dir)["objectives"])
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 and rows[1]["mu_rm_llama"] == "0.5"
+    for k, folder in enumerate(["mu_0.00_1.00", "mu_0.50_0.50", "mu_1.00_0.00"]):
+        lines = [json.loads(x) for x in (out / "generations" / f"{folder}.jsonl").read_text().splitlines()]
+        assert [x["prompt"] for x in lines] == PROMPTS
+        again = objectives.score_texts(objs, PROMPTS, [x["response"] for x in lines])
+        recorded = np.array([[x["rm_llama"], x["rm_gpt2"]] for x in lines])
+        np.testing.assert_allclose(recorded, again, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(means[k], recorded.mean(axis=0), rtol=1e-9)
+        assert float(rows[k]["rm_gpt2_mean"]) == pytest.approx(means[k, 1])
+    # seeded sampling: the same merged model gives the same responses again
+    assert evaluate.generate(out / "models" / "mu_0.50_0.50", PROMPTS, {"max_new_tokens": 6, "batch_size": 2}) == [
+        json.loads(x)["response"] for x in (out / "generations" / "mu_0.50_0.50.jsonl").read_text().splitlines()
+    ]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run into the same folder refuses to overwrite merged models unless asked
+    assert main(["evaluate", *common, "--preferences", "0.5,0.5"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
+    root = soup_dir.parent
+    r = evaluate.evaluate(
+        soup_dir,
+        [[0.3, 0.7]],
+        root / "eval.jsonl",
+        tmp_path,
+        alpha="auto",
+        alpha_prompts=root / "val.jsonl",
+        sampling={"max_new_tokens": 4, "batch_size": 2},
+    )
+    search = r["alpha_search"]
+    assert search["validation_prompts"] == 2 and search["candidates"] == list(REFERENCE_ALPHAS)
+    table = np.array(search["means"])  # objective i's corner x alpha candidate x objective
+    assert table.shape == (2, len(REFERENCE_ALPHAS), 2)
+    assert r["alpha"] == [REFERENCE_ALPHAS[int(np.argmax(table[i, :, i]))] for i in range(2)]
+    assert not (tmp_path / "alpha_search").exists()  # candidate models are removed
+
+    # the merged model is the reference code's: x_j = sum_i mu_i k_i sol_i[j], SFT weight sum_i mu_i (1 - k_i),
+    # sol_i = solve([[w11, w21], [w12, w22]], e_i), k_i = 1 + alpha_i
+    (w11, w12), (w21, w22) = backbone_matrix(0.7, 2)
+    sols = [np.linalg.solve([[w11, w21], [w12, w22]], e) for e in ([1, 0], [0, 1])]
+    ks = [1 + a for a in r["alpha"]]
+    mu = [0.3, 0.7]
+    expected = [sum(mu[i] * ks[i] * sols[i][j] for i in range(2)) for j in range(2)]
+    expected.append(sum(mu[i] * (1 - ks[i]) for i in range(2)))
+    provenance = json.loads((tmp_path / "models" / "mu_0.30_0.70" / "bonesoup_merge.json").read_text())
+    assert provenance["weights"] == pytest.approx(expected)
+    assert provenance["inputs"][2]["path"] == soup.read_soup(soup_dir)["sft"]
+
+
+def test_soup_weights_with_one_alpha_is_extrapolation_weights():
+    for beta in (0.6, 0.7, 0.8, 1.0):
+        matrix = backbone_matrix(beta, 2)
+        for mu in ([0.0, 1.0], [0.3, 0.7], [1.0, 0.0]):
+            for alpha in (0.0, 0.25, 1.0):
+                weights, sft = evaluate.soup_weights(matrix, mu, [alpha, alpha])
+                ref_weights, ref_sft = extrapolation_weights(merge_coefficients(matrix, mu), alpha)
+                np.testing.assert_allclose(weights, ref_weights, atol=1e-12)
+                assert sft == pytest.approx(ref_sft)
+    with pytest.raises(BoneSoupError, match="alpha"):
+        evaluate.soup_weights(backbone_matrix(0.7, 2), [0.5, 0.5], [-0.1, 0.0])
+
+
+def test_prompts_are_formatted_as_openrlhf_formats_them(tiny, tmp_path):
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny["policy"]))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    rows = [{"q": "How do I bake bread?"}, {"q": [{"role": "user", "content": "Hi"}]}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = evaluate.read_prompts(tmp_path / "p.jsonl", tmp_path / "tok", input_key="q", apply_chat_template=True)
+    want = [preprocess_data(r, None, "q", apply_chat_template=tokenizer.apply_chat_template)[0] for r in rows]
+    assert got == want and got[0] == "<user>How do I bake bread?</s><assistant>"
+
+    template = "User: {}\nAssistant: "
+    got = evaluate.read_prompts(tmp_path / "p.jsonl", tmp_path / "tok", input_key="q", input_template=template)
+    assert got[0] == preprocess_data(rows[0], template, "q")[0] == "User: How do I bake bread?\nAssistant: "
+
+    with pytest.raises(BoneSoupError, match="no key 'input'"):
+        evaluate.read_prompts(tmp_path / "p.jsonl", tmp_path / "tok")
+    assert evaluate.read_prompts(tmp_path / "p.jsonl", tmp_path / "tok", input_key="q", max_samples=1) == [
+        "How do I bake bread?"
+    ]
+
+
+def test_evaluate_refuses_bad_input(soup_dir, tmp_path, capsys):
+    root = soup_dir.parent
+    base = ["evaluate", "--soup_dir", str(soup_dir), "--prompts", str(root / "eval.jsonl"), "--output", str(tmp_path)]
+    assert main([*base, "--grid", "3", "--alpha", "auto"]) == 2  # no validation split
+    assert main([*base, "--preferences", "0.5,0.6"]) == 2  # not on the simplex
+    assert main([*base, "--grid", "3", "--alpha", "lots"]) == 2
+    assert main([*base, "--grid", "3", "--alpha", "-0.5"]) == 2
+    assert main([*base, "--grid", "3", "--compare", "nolabel"]) == 2
+    assert main([*base, "--grid", "3", "--compare", f"x={tmp_path / 'missing.json'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("openrlhf-bonesoup: error:") == 6 and "Traceback" not in err
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_vllm_stand_in_is_never_taken_for_vllm(monkeypatch):
+    import vllm  # the CPU stand-in (tests/stand_ins), as OpenRLHF imports it here
+
+    assert getattr(vllm, "STAND_IN", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with a GPU present
+    assert evaluate.vllm_usable() is False
