@@ -1,0 +1,284 @@
+"""The drop-in launcher: OpenRLHF's unmodified `train_ppo_ray` main, trained on a composite reward.
+
+`python -m openrlhf_bonesoup.cli.train_ppo_ray <OpenRLHF args> --reward_combiner bonesoup --beta 0.7
+--backbone_index 0 --soup_dir soup/` parses and removes our flags, then runs
+`openrlhf.cli.train_ppo_ray` as `__main__` (runpy) on the rest, so OpenRLHF's own parser, checks,
+Ray placement, vLLM rollouts and trainer run as they are. Two seams, both in this process:
+
+- `openrlhf.utils.config.hierarchize`: upstream's main imports it at call time, right after parsing.
+  Our wrapper sees OpenRLHF's parsed args first: it resolves the objectives and the combiner, routes
+  the reward (all models: our RewardModelActor; any HTTP/function objective: our reward_func file as
+  --reward.remote_url), puts the config on args.bonesoup (it travels to every actor with
+  strategy.args), writes the soup manifest, and starts Ray with upstream's env_vars plus our worker
+  setup hook and config (train() then skips its own ray.init).
+- `openrlhf.trainer.ray.launcher.RewardModelActor`: train_ppo_ray imports this name at import time,
+  so it is swapped for ours before runpy and restored after.
+
+After train() returns (the model is saved), the backbone is handed to merge.after_training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import runpy
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from openrlhf_bonesoup import coefficients, objectives, soup
+from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.integration import worker
+
+UPSTREAM = "openrlhf.cli.train_ppo_ray"
+PROG = "python -m openrlhf_bonesoup.cli.train_ppo_ray"
+REWARD_FUNC_FILE = str(Path(__file__).with_name("reward_func.py"))
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for the driver
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise BoneSoupError(message)
+
+
+class DryRun(Exception):
+    """Raised from our step inside OpenRLHF's main to stop before anything runs: (plan, args)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: an OpenRLHF flag must never be taken for a prefix of one of ours.
+    parser = _Parser(prog=PROG, add_help=False, allow_abbrev=False, description=__doc__.split("\n")[0])
+    objectives.add_reward_arguments(parser)
+    group = parser.add_argument_group("Bone Soup soup and merge")
+    group.add_argument("--soup_dir", "--soup.dir", dest="soup_dir", help="soup folder: writes/updates soup.json")
+    group.add_argument(
+        "--merge_preferences", "--merge.preferences", dest="merge_preferences", help='after training: "0,1;0.5,0.5"'
+    )
+    group.add_argument("--merge_grid", "--merge.grid", dest="merge_grid", type=int, help="after training: K-point grid")
+    group.add_argument("--merge_output", "--merge.output", dest="merge_output", help="default: <soup_dir>/merged")
+    group.add_argument(
+        "--dry_run", "--launcher.dry_run", dest="dry_run", action="store_true", help="print what would run and exit"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(build_parser().format_help())
+        print("OpenRLHF options (openrlhf.cli.train_ppo_ray):\n")
+        with contextlib.suppress(SystemExit):
+            _run_openrlhf(["--help"])
+        return 0
+    try:
+        ours, rest = _parse(argv)
+        if ours.dry_run:
+            plan, _ = resolve(argv)
+            print(json.dumps(plan, indent=2))
+            return 0
+        launch: dict = {"openrlhf_argv": rest}
+        with _hierarchize_then(lambda args: prepare(ours, args, argv, launch)), _actor_replaced():
+            _run_openrlhf(rest)
+        if ours.soup_dir:
+            from openrlhf_bonesoup import merge  # issue 4's module; imported only when a launch ends
+
+            merged = merge.after_training(
+                ours.soup_dir,
+                launch["backbone_index"],
+                launch["output_dir"],
+                merge_preferences=launch["merge_preferences"],
+                merge_output=ours.merge_output,
+            )
+            for path in merged:
+                print(f"merged: {path}")
+    except BoneSoupError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve(argv: Sequence[str]) -> tuple[dict, Any]:
+    """What a launch would run, without running anything: OpenRLHF's real parser on the argv left
+    after our flags, then our step (no manifest, no Ray). Returns (plan, OpenRLHF's args)."""
+    ours, rest = _parse(argv)
+    ours.dry_run = True
+    try:
+        with _hierarchize_then(lambda args: prepare(ours, args, argv, {"openrlhf_argv": rest})):
+            _run_openrlhf(rest)
+    except DryRun as stop:
+        return stop.args
+    raise RuntimeError(f"{UPSTREAM} returned without calling hierarchize: is this OpenRLHF 0.11?")
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    ours, rest = build_parser().parse_known_args(argv)
+    _check_merge_flags(ours)
+    return ours, rest
+
+
+def _run_openrlhf(argv: list[str]) -> None:
+    sys.argv = [UPSTREAM, *argv]
+    runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
+
+
+@contextlib.contextmanager
+def _hierarchize_then(step) -> Iterator[None]:
+    import openrlhf.utils.config as config
+
+    upstream = config.hierarchize
+    config.hierarchize = lambda args: step(upstream(args))
+    try:
+        yield
+    finally:
+        config.hierarchize = upstream
+
+
+@contextlib.contextmanager
+def _actor_replaced() -> Iterator[None]:
+    import openrlhf.trainer.ray.launcher as launcher
+
+    from openrlhf_bonesoup.integration.actor import RewardModelActor
+
+    upstream = launcher.RewardModelActor
+    launcher.RewardModelActor = RewardModelActor
+    try:
+        yield
+    finally:
+        launcher.RewardModelActor = upstream
+
+
+def _check_merge_flags(ours: argparse.Namespace) -> None:
+    wants_merge = ours.merge_preferences is not None or ours.merge_grid is not None
+    if ours.merge_preferences is not None and ours.merge_grid is not None:
+        raise BoneSoupError("give --merge_preferences or --merge_grid, not both")
+    if ours.merge_output is not None and not wants_merge:
+        raise BoneSoupError("--merge_output needs --merge_preferences or --merge_grid")
+    if wants_merge and not ours.soup_dir:
+        raise BoneSoupError("merging after training needs --soup_dir (the merge waits for all n backbones)")
+
+
+def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
+    """Our step between OpenRLHF's parsing and its checks: resolve, route, record, start Ray."""
+    if ours.objectives and args.reward.model_name_or_path:
+        raise BoneSoupError("give the objectives once: --objectives FILE or --reward.model_name_or_path A,B")
+    specs = objectives.parse_objectives(ours.objectives or args.reward.model_name_or_path or "")
+    weights = objectives.weights_from_args(ours, len(specs))
+    # Checked now, not after hours of training.
+    preferences = None
+    if ours.merge_grid is not None:
+        preferences = [mu.tolist() for mu in coefficients.preference_grid(ours.merge_grid, len(specs))]
+    elif ours.merge_preferences is not None:
+        from openrlhf_bonesoup.merge import parse_preferences
+
+        preferences = parse_preferences(ours.merge_preferences, len(specs))
+
+    # Route: the in-cluster actor holds models; HTTP/function objectives go through reward_func.
+    remote_url = args.reward.remote_url
+    if remote_url and os.path.realpath(remote_url) != os.path.realpath(REWARD_FUNC_FILE):
+        raise BoneSoupError(
+            f"--reward.remote_url {remote_url} with a reward combiner: give endpoints and reward_func files as "
+            "objectives (--reward.model_name_or_path or --objectives); the plugin then scores them itself"
+        )
+    if remote_url or any(s["kind"] != "model" for s in specs):
+        args.reward.remote_url = REWARD_FUNC_FILE
+    else:
+        # Upstream reads this to build and initialise the reward group, and defaults the critic to
+        # its first entry (as for `--reward.model_name_or_path rmA,rmB`).
+        args.reward.model_name_or_path = ",".join(s["path"] for s in specs)
+    args.bonesoup = {
+        "objectives": specs,
+        "weights": weights.tolist(),
+        "combiner": ours.reward_combiner,
+        "policy": args.actor.model_name_or_path,
+        # For reward_func's models: the same loader arguments as upstream's RewardModelActor.
+        "load": {
+            "normalize_reward": args.reward.normalize_enable,
+            "attn_implementation": args.ds.attn_implementation,
+            "param_dtype": args.ds.param_dtype,
+            "value_head_prefix": args.ds.value_head_prefix,
+            "use_fast": not args.data.disable_fast_tokenizer,
+        },
+    }
+    backbone_index = ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective
+    output_dir = str(Path(args.ckpt.output_dir).resolve())
+    launch.update(backbone_index=backbone_index, output_dir=output_dir, merge_preferences=preferences)
+    env = runtime_env(args.bonesoup)
+    if ours.dry_run:
+        raise DryRun(
+            {
+                "openrlhf_argv": launch["openrlhf_argv"],
+                "bonesoup": args.bonesoup,
+                "reward.model_name_or_path": args.reward.model_name_or_path,
+                "reward.remote_url": args.reward.remote_url,
+                "backbone_index": backbone_index,
+                "output_dir": output_dir,
+                "soup_dir": ours.soup_dir,
+                "merge_preferences": preferences,
+                "runtime_env": env,
+            },
+            args,
+        )
+    if ours.soup_dir:
+        _register(ours, specs, args, argv, backbone_index, output_dir)
+    _start_ray(env)
+    return args
+
+
+def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index: int, output_dir: str) -> None:
+    # A soup needs B: Bone Soup's B(beta), or Rewarded Soup's B = I (beta = 1) for `single`.
+    if ours.reward_combiner == "linear":
+        raise BoneSoupError("--soup_dir needs --reward_combiner bonesoup or single (linear weights define no soup)")
+    beta = ours.beta if ours.reward_combiner == "bonesoup" else 1.0
+    soup.init_soup(
+        ours.soup_dir,
+        objectives=specs,
+        beta=beta,
+        matrix=coefficients.backbone_matrix(beta, len(specs)),
+        sft=args.actor.model_name_or_path,
+    )
+    soup.register_backbone(
+        ours.soup_dir, backbone_index, status="launched", launch_args=list(argv), output_dir=output_dir
+    )
+
+
+def runtime_env(config: dict) -> dict:
+    """Upstream train()'s runtime_env plus our setup hook and config, fit to a `ray job submit` job.
+
+    Under `ray job submit --runtime-env-json`, Ray merges the job's runtime_env with ray.init's and
+    refuses any key set by both (ray._private.worker, RAY_OVERRIDE_JOB_RUNTIME_ENV). So we leave out
+    the env vars the job sets (their values are this process's environment anyway) and our hook when
+    the job already names it; another hook cannot be combined with ours.
+    """
+    env_vars = {
+        # As upstream train(): respect user-set values, else its defaults.
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+        "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+        worker.CONFIG_ENV: json.dumps(config),
+    }
+    env = {"env_vars": env_vars, "worker_process_setup_hook": worker.HOOK}
+    if JOB_CONFIG_ENV not in os.environ:
+        return env
+    job_env = json.loads(os.environ[JOB_CONFIG_ENV]).get("runtime_env") or {}
+    job_vars = job_env.get("env_vars") or {}
+    if worker.CONFIG_ENV in job_vars:
+        raise BoneSoupError(f"the job's runtime_env sets {worker.CONFIG_ENV}: leave it to the launcher")
+    for key in job_vars:
+        env_vars.pop(key, None)
+    hook = job_env.get("worker_process_setup_hook")
+    if hook == worker.HOOK:
+        del env["worker_process_setup_hook"]
+    elif hook:
+        raise BoneSoupError(f"the job's runtime_env has worker_process_setup_hook {hook!r}; Bone Soup needs its own")
+    return env
+
+
+def _start_ray(env: dict) -> None:
+    import ray
+
+    if ray.is_initialized():
+        raise BoneSoupError("Ray is already initialised in this process: the launcher must start it with its hook")
+    ray.init(runtime_env=env)
