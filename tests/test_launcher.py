@@ -1,0 +1,238 @@
+"""The drop-in launcher's argument handling against OpenRLHF's real train_ppo_ray parser.
+
+OpenRLHF's main cannot train here (DeepSpeed and vLLM need GPUs), so these tests stop it right after
+its parser (the launcher's own --dry_run path, `resolve`), or, for the post-training hand-off, let
+a stand-in for train() write the checkpoint that PolicyModelActor.save_model would write.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ray.runtime_env.runtime_env import _merge_runtime_env
+
+from openrlhf_bonesoup import soup
+from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.integration import launcher, worker
+
+OURS = ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "1"]
+RUN_OPENRLHF = launcher._run_openrlhf  # the real one, also where a test stands in for train()
+
+
+def openrlhf_argv(tiny, *extra):
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.clip_range", "-5", "5"]
+    return argv + ["--ds.zero_stage", "3", "--rollout.batch_size", "8", *extra]
+
+
+def run_main(argv, capsys):
+    code = launcher.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+def openrlhf_args(argv):
+    """OpenRLHF's own parser + hierarchize on argv (and the launcher's step, when one is installed),
+    stopped right after."""
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def stop(args):
+        seen["args"] = args
+        raise Stop
+
+    with launcher._hierarchize_then(stop), pytest.raises(Stop):
+        RUN_OPENRLHF(argv)
+    return seen["args"]
+
+
+def test_our_flags_are_removed_and_the_rest_parsed_by_openrlhf(tiny):
+    rms = f"{tiny['rm_llama']},{tiny['rm_gpt2']}"
+    upstream = openrlhf_argv(tiny, "--reward.model_name_or_path", rms)
+    plan, args = launcher.resolve(upstream[:2] + OURS + upstream[2:] + ["--soup_dir", "/tmp/s"])
+    assert plan["openrlhf_argv"] == upstream
+    assert args.reward.clip_range == [-5.0, 5.0] and args.ds.zero_stage == 3  # OpenRLHF's parser
+    assert args.bonesoup["weights"] == pytest.approx([0.3, 0.7])  # row 1 of B(0.7)
+    assert [o["name"] for o in args.bonesoup["objectives"]] == ["rm_llama", "rm_gpt2"]
+    assert args.reward.model_name_or_path == rms and args.reward.remote_url is None  # the in-cluster actor
+    assert plan["backbone_index"] == 1 and plan["soup_dir"] == "/tmp/s"
+    assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
+    assert json.loads(plan["runtime_env"]["env_vars"][worker.CONFIG_ENV]) == args.bonesoup
+
+
+def test_dotted_aliases_mean_the_same(tiny):
+    upstream = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    plain, _ = launcher.resolve(upstream + OURS)
+    dotted, _ = launcher.resolve(
+        upstream + ["--reward.combiner", "bonesoup", "--reward.beta", "0.7", "--reward.backbone_index", "1"]
+    )
+    assert plain == dotted
+
+
+def test_http_and_function_objectives_go_through_reward_func(tiny, tmp_path):
+    (tmp_path / "rules.py").write_text("def reward_func(queries, prompts, labels):\n    return [0.0] * len(queries)\n")
+    (tmp_path / "objectives.yaml").write_text(
+        f"- {{name: helpful, path: {tiny['rm_llama']}, normalize: running}}\n"
+        "- {name: harmless, url: 'http://10.0.0.9:5000/get_reward'}\n"
+        "- {name: format, path: rules.py}\n"
+    )
+    argv = openrlhf_argv(tiny, "--objectives", str(tmp_path / "objectives.yaml"), "--reward_combiner", "linear")
+    plan, args = launcher.resolve(argv + ["--reward_weights", "0.5,0.25,0.25"])
+    assert args.reward.remote_url == launcher.REWARD_FUNC_FILE  # upstream splits it into a list later
+    assert [o["kind"] for o in args.bonesoup["objectives"]] == ["model", "http", "function"]
+    assert args.bonesoup["objectives"][0]["normalize"] == "running"
+    assert args.bonesoup["weights"] == [0.5, 0.25, 0.25]
+
+
+def test_an_objectives_file_of_models_feeds_upstreams_reward_group(tiny, tmp_path):
+    (tmp_path / "o.json").write_text(json.dumps([{"path": str(tiny["rm_gpt2"])}, {"path": str(tiny["rm_llama"])}]))
+    _, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.json"), *OURS))
+    # train() initialises the reward group only when this is set; upstream's critic default is its first entry
+    assert args.reward.model_name_or_path == f"{tiny['rm_gpt2']},{tiny['rm_llama']}"
+
+
+def test_help_prints_ours_and_openrlhfs(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for flag in ("--reward_combiner", "--reward.beta", "--soup_dir", "--merge_preferences", "--dry_run"):
+        assert flag in out
+    for flag in ("--actor.model_name_or_path", "--reward.remote_url", "--vllm.num_engines"):
+        assert flag in out  # OpenRLHF's real parser
+
+
+def test_dry_run_prints_the_plan(tiny, capsys):
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}", *OURS)
+    code, out, _ = run_main(argv + ["--dry_run"], capsys)
+    assert code == 0
+    assert json.loads(out)["bonesoup"]["weights"] == pytest.approx([0.3, 0.7])
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--reward_combiner", "bonesoup", "--beta", "0.7"], "needs --backbone_index"),
+        (["--beta", "0.7"], "--reward_combiner is required"),
+        ([*OURS, "--reward.remote_url", "http://h:1/get_reward"], "give endpoints and reward_func files as objectives"),
+        ([*OURS, "--objectives", "x.yaml"], "give the objectives once"),
+        (["--reward_combiner", "linear", "--reward_weights", "0.5,0.5", "--soup_dir", "s"], "needs --reward_combiner"),
+        ([*OURS, "--merge_output", "m"], "--merge_output needs"),
+        ([*OURS, "--merge_preferences", "0,1"], "needs --soup_dir"),
+        ([*OURS, "--soup_dir", "s", "--merge_preferences", "0.2,0.2,0.6"], "3 entries but there are 2 objectives"),
+        ([*OURS, "--soup_dir", "s", "--merge_grid", "1"], "grid"),
+        (["--reward_combiner", "bonesoup", "--beta", "0.2", "--backbone_index", "0"], "beta must lie"),
+    ],
+)
+def test_bad_launches_are_one_line_errors_before_anything_runs(tiny, tmp_path, monkeypatch, capsys, extra, match):
+    monkeypatch.chdir(tmp_path)
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}", *extra)
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and match in err and "\n" not in err
+    assert not (tmp_path / "s").exists()  # no manifest written
+
+
+def test_an_unknown_flag_is_openrlhfs_own_parser_error(tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        launcher.main(
+            openrlhf_argv(tiny, "--reward.model_name_or_path", str(tiny["rm_llama"]), "--no_such_flag", *OURS)
+        )
+    assert e.value.code == 2
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+# --- runtime_env under `ray job submit --runtime-env-json` ----------------------------------------
+
+
+def test_runtime_env_merges_with_a_submitted_jobs_runtime_env(monkeypatch):
+    job = {"working_dir": "/code", "env_vars": {"NCCL_DEBUG": "INFO", "HF_HOME": "/hf"}}
+    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": job}))
+    ours = launcher.runtime_env({"objectives": []})
+    assert _merge_runtime_env(job, ours) is not None  # Ray's own merge: no conflicting key
+    merged = _merge_runtime_env(job, ours)
+    assert merged["env_vars"]["NCCL_DEBUG"] == "INFO"  # the job's value
+    assert merged["worker_process_setup_hook"] == worker.HOOK and worker.CONFIG_ENV in merged["env_vars"]
+    monkeypatch.delenv(launcher.JOB_CONFIG_ENV)
+    assert _merge_runtime_env(job, launcher.runtime_env({})) is None  # upstream's env_vars would conflict
+
+
+def test_runtime_env_and_a_jobs_setup_hook(monkeypatch):
+    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": worker.HOOK}}))
+    assert "worker_process_setup_hook" not in launcher.runtime_env({})  # already the job's
+    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": "x.y"}}))
+    with pytest.raises(BoneSoupError, match="Bone Soup needs its own"):
+        launcher.runtime_env({})
+
+
+# --- side effects: the soup manifest, Ray, and the post-training hand-off ---------------------------
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Record the runtime_env instead of starting Ray (train() would then use that cluster)."""
+    envs = []
+    monkeypatch.setattr(launcher, "_start_ray", envs.append)
+    return envs
+
+
+def test_a_launch_registers_the_backbone_in_the_soup(tiny, tmp_path, started):
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    argv += ["--ckpt.output_dir", str(tmp_path / "ckpt1"), *OURS, "--soup_dir", str(tmp_path / "soup")]
+    ours, rest = launcher._parse(argv)
+    launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    manifest = soup.read_soup(tmp_path / "soup")
+    assert manifest["beta"] == 0.7
+    np.testing.assert_allclose(manifest["matrix"], [[0.7, 0.3], [0.3, 0.7]])
+    assert manifest["sft"] == str(tiny["policy"])
+    assert [o["name"] for o in manifest["objectives"]] == ["rm_llama", "rm_gpt2"]
+    entry = manifest["backbones"][1]
+    assert entry["status"] == "launched" and entry["launch_args"] == argv
+    assert entry["output_dir"] == str(tmp_path / "ckpt1") and "checkpoint" not in entry
+    assert manifest["backbones"][0] is None
+    assert started[0]["worker_process_setup_hook"] == worker.HOOK
+
+    other = [a if a != "0.7" else "0.8" for a in argv]  # same soup folder, another beta: refused
+    ours, rest = launcher._parse(other)
+    with pytest.raises(BoneSoupError, match="beta"):
+        launcher.prepare(ours, openrlhf_args(rest), other, {})
+    assert len(started) == 1  # Ray is not started for a refused launch
+
+
+def test_single_objective_runs_form_a_rewarded_soup(tiny, tmp_path, started):
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    argv += ["--reward_combiner", "single", "--objective", "0", "--soup_dir", str(tmp_path / "soup")]
+    ours, rest = launcher._parse(argv)
+    launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    manifest = soup.read_soup(tmp_path / "soup")
+    assert manifest["beta"] == 1.0 and manifest["matrix"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert manifest["backbones"][0]["status"] == "launched"
+
+
+def test_after_training_the_backbone_is_handed_to_merge(tiny, tmp_path, monkeypatch, started, capsys):
+    import tiny_models
+    from transformers import AutoTokenizer
+
+    def train(rest):
+        # OpenRLHF's parser and the launcher's step, as in a launch; then, instead of train(), the
+        # checkpoint PolicyModelActor.save_model writes into --ckpt.output_dir.
+        args = openrlhf_args(rest)
+        seed = 10 + int(args.ckpt.output_dir[-1])
+        tiny_models.make_llama_lm(args.ckpt.output_dir, AutoTokenizer.from_pretrained(str(tiny["policy"])), seed=seed)
+
+    monkeypatch.setattr(launcher, "_run_openrlhf", train)
+    rms = f"{tiny['rm_llama']},{tiny['rm_gpt2']}"
+    merged = tmp_path / "merged"
+    for j in (0, 1):
+        argv = openrlhf_argv(tiny, "--reward.model_name_or_path", rms, "--ckpt.output_dir", str(tmp_path / f"ckpt{j}"))
+        argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", str(j)]
+        argv += ["--soup_dir", str(tmp_path / "soup"), "--merge_preferences", "0,1;0.5,0.5"]
+        argv += ["--merge_output", str(merged)]
+        assert launcher.main(argv) == 0
+        manifest = soup.read_soup(tmp_path / "soup")
+        assert manifest["backbones"][j]["status"] == "trained"
+        assert manifest["backbones"][j]["checkpoint"] == str(tmp_path / f"ckpt{j}")
+    out = capsys.readouterr().out
+    assert out.count("merged: ") == 2  # both preferences, once the second backbone finished
+    assert len(list(merged.glob("mu_*/*.safetensors"))) == 2
