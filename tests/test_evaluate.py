@@ -190,3 +190,19 @@ def test_the_vllm_stand_in_is_never_taken_for_vllm(monkeypatch):
     assert getattr(vllm, "STAND_IN", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with a GPU present
     assert evaluate.vllm_usable() is False
+
+
+def test_merge_alpha_auto(soup_dir, tmp_path, capsys):
+    root = soup_dir.parent
+    out = tmp_path / "merged"
+    argv = ["merge", "--soup_dir", str(soup_dir), "--preference", "0.5,0.5", "--output", str(out)]
+    assert main([*argv, "--alpha", "auto"]) == 2  # no validation split
+    assert "--alpha_prompts" in capsys.readouterr().err
+    argv += ["--alpha", "auto", "--alpha_prompts", str(root / "val.jsonl"), "--eval.max_new_tokens", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "per-objective alphas" in printed and str(out) in printed
+    record = json.loads((out / "bonesoup_merge.json").read_text())
+    assert all(a in REFERENCE_ALPHAS for a in record["alpha"]) and len(record["inputs"]) == 3
+    assert record["weights"][2] == pytest.approx(-0.5 * sum(record["alpha"]))  # SFT weight -mu . alpha
+    assert not (tmp_path / ".alpha_search").exists()

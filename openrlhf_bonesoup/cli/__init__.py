@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -94,19 +95,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
         else:
             preferences = merge.parse_preferences(args.preferences, n)
         outputs = merge.sweep_outputs(args.output, preferences)
-    paths = merge.merge_soup(
-        backbones,
-        matrix,
-        preferences,
-        outputs,
-        sft=sft,
-        alpha=args.alpha,
+    engine_kw = dict(
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         workers=args.workers,
         densify=args.lora_densify,
         base=args.lora_base,
     )
+    alpha = _alpha(args.alpha)
+    if alpha == "auto":  # the reference's search on a validation split, then per-objective alphas
+        import torch
+
+        from openrlhf_bonesoup import evaluate
+
+        spec = args.objectives or (manifest["objectives"] if args.soup_dir else None)
+        if spec is None or args.alpha_prompts is None:
+            raise BoneSoupError("--alpha auto needs --alpha_prompts FILE and --objectives (or the soup's, --soup_dir)")
+        objs = objectives.load_objectives(spec, device="cuda" if torch.cuda.is_available() else "cpu")
+        val = evaluate.read_prompts(args.alpha_prompts, backbones[0], **{k: getattr(args, k) for k in evaluate.DATA})
+        sampling = {k: getattr(args, k) for k in evaluate.SAMPLING}
+        workdir = Path(outputs[0]).parent / ".alpha_search"
+        search = evaluate.search_alpha(backbones, matrix, sft, objs, val, workdir, sampling, **engine_kw)
+        print(f"--alpha auto: per-objective alphas {search['best']} (mean validation scores {search['means']})")
+        plans = [search["best"]] * len(preferences)
+        paths = evaluate.merge_preferences(backbones, matrix, sft, preferences, plans, outputs, **engine_kw)
+    else:
+        paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
     with np.printoptions(precision=6, suppress=True):
         for mu, path in zip(preferences, paths, strict=True):
             lam = np.round(coefficients.merge_coefficients(matrix, mu), 12) + 0.0  # no "-0." from rounding noise
@@ -214,6 +228,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    # evaluate and merge --alpha auto read prompts and sample alike: one definition of the flags.
+    p.add_argument("--data.input_key", dest="input_key", default="input", help="JSON key of the prompt")
+    p.add_argument("--data.input_template", dest="input_template", default=None, help='e.g. "User: {}\\nAssistant: "')
+    p.add_argument("--data.apply_chat_template", dest="apply_chat_template", action="store_true")
+    p.add_argument("--data.max_samples", dest="max_samples", type=int, default=None, help="first N prompts only")
+    p.add_argument("--eval.max_new_tokens", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--eval.temperature", dest="temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--eval.top_p", dest="top_p", type=float, default=0.9)
+    p.add_argument("--eval.seed", dest="seed", type=int, default=42)
+    p.add_argument("--eval.batch_size", dest="batch_size", type=int, default=8, help="transformers and scoring batch")
+    p.add_argument("--vllm.gpu_memory_utilization", dest="gpu_memory_utilization", type=float, default=0.6)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Bone Soup for OpenRLHF: backbone rewards, merging, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -237,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     prefs.add_argument("--preferences", help="a sweep, e.g. '0,1;0.5,0.5;1,0': one --output sub-folder each")
     prefs.add_argument("--grid", type=int, help="n = 2: a sweep over K evenly spaced preferences (0,1) ... (1,0)")
     p.add_argument("--sft", default=None, help="SFT checkpoint for --alpha (default: the soup's SFT model)")
-    p.add_argument("--alpha", type=float, default=0.0, help="extrapolation away from SFT: (1+a) theta - a theta_sft")
+    p.add_argument("--alpha", default="0", help="extrapolation away from SFT: (1+a) theta - a theta_sft; or 'auto'")
+    p.add_argument("--alpha_prompts", default=None, help="--alpha auto: JSONL validation split (key --data.input_key)")
+    p.add_argument("--objectives", default=None, help="--alpha auto: objectives spec (default: the soup's)")
+    _generation_flags(p)  # --alpha auto generates for the validation prompts as evaluate does
     p.add_argument("--output", required=True, help="merged checkpoint folder (a parent folder for a sweep)")
     p.add_argument("--output.max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB (default)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
@@ -277,16 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reference", default=None, help="hypervolume reference point r1,r2,... (default: common nadir)")
     p.add_argument("--label", default=None, help="name of this soup in plots and results (default: bone_soup)")
-    p.add_argument("--data.input_key", dest="input_key", default="input", help="JSON key of the prompt")
-    p.add_argument("--data.input_template", dest="input_template", default=None, help='e.g. "User: {}\\nAssistant: "')
-    p.add_argument("--data.apply_chat_template", dest="apply_chat_template", action="store_true")
-    p.add_argument("--data.max_samples", dest="max_samples", type=int, default=None, help="first N prompts only")
-    p.add_argument("--eval.max_new_tokens", dest="max_new_tokens", type=int, default=128)
-    p.add_argument("--eval.temperature", dest="temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--eval.top_p", dest="top_p", type=float, default=0.9)
-    p.add_argument("--eval.seed", dest="seed", type=int, default=42)
-    p.add_argument("--eval.batch_size", dest="batch_size", type=int, default=8, help="transformers and scoring batch")
-    p.add_argument("--vllm.gpu_memory_utilization", dest="gpu_memory_utilization", type=float, default=0.6)
+    _generation_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing merged models in --output")
     p.add_argument("--workers", type=int, default=1, help="merge processes")
     p.set_defaults(func=cmd_evaluate)
