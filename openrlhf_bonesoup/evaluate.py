@@ -70,7 +70,10 @@ def hypervolume(points: np.ndarray, reference: Sequence[float]) -> float:
     """Volume dominated by `points` and dominating `reference`; points not above it add nothing."""
     import moocore
 
-    return float(moocore.hypervolume(np.asarray(points, dtype=np.float64), ref=np.asarray(reference), maximise=True))
+    points, reference = np.asarray(points, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if reference.shape != points.shape[1:]:
+        raise BoneSoupError(f"the reference point needs {points.shape[1]} values, got {reference.tolist()}")
+    return float(moocore.hypervolume(points, ref=reference, maximise=True))
 
 
 def controllability(preferences: np.ndarray, means: np.ndarray) -> list[float | None]:
@@ -292,7 +295,7 @@ def _generate_hf(model_dir, prompts, sampling) -> list[str]:
         {"do_sample": False}
         if greedy
         else {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
-    )
+    )  # top_k 0 turns off transformers' default top-k of 50: vLLM's default and the reference's setting
     torch.manual_seed(sampling["seed"])  # one seeded stream per model: every preference samples alike
     texts = []
     size = sampling["batch_size"]
@@ -308,7 +311,9 @@ def _generate_hf(model_dir, prompts, sampling) -> list[str]:
     return texts
 
 
-def score_responses(objectives: Sequence, prompts: Sequence[str], responses: Sequence[str], batch_size: int):
+def score_responses(
+    objectives: Sequence, prompts: Sequence[str], responses: Sequence[str], batch_size: int
+) -> np.ndarray:
     """(N, n) raw objective values of prompt + response, in batches, through objectives.raw_scores.
 
     Raw, i.e. before each objective's training-time normalisation: a "running" normalisation would
@@ -427,6 +432,9 @@ def evaluate(
         alphas = search["best"]
     else:
         alphas = [float(alpha)] * n
+    # LoRA soups: merged adapters become full weights of their base model, which vLLM and
+    # transformers both load as they are.
+    engine_kw.setdefault("densify", all((Path(b) / "adapter_config.json").is_file() for b in backbones))
     models = merge_preferences(
         backbones,
         matrix,
@@ -506,7 +514,9 @@ def load_front(path: str | os.PathLike) -> dict:
 # Outputs.
 
 
-def plot_fronts(ax, fronts: dict[str, np.ndarray], names: Sequence[str], reference: Sequence[float] | None = None):
+def plot_fronts(
+    ax, fronts: dict[str, np.ndarray], names: Sequence[str], reference: Sequence[float] | None = None
+) -> None:
     """Draw each front (points in preference order, joined) on a matplotlib Axes; objectives 1 and 2."""
     for label, points in fronts.items():
         points = np.asarray(points)

@@ -206,3 +206,29 @@ def test_merge_alpha_auto(soup_dir, tmp_path, capsys):
     assert all(a in REFERENCE_ALPHAS for a in record["alpha"]) and len(record["inputs"]) == 3
     assert record["weights"][2] == pytest.approx(-0.5 * sum(record["alpha"]))  # SFT weight -mu . alpha
     assert not (tmp_path / ".alpha_search").exists()
+
+
+def test_evaluate_a_lora_soup(tiny, tmp_path):
+    # LoRA backbones (as OpenRLHF saves with --ds.lora.rank) are merged into full weights of their
+    # base model, so that transformers and vLLM generate from them as they are.
+    import tiny_models
+
+    for j in range(2):
+        tiny_models.make_lora_adapter(tmp_path / f"adapter{j}", tiny["policy"], r=2, lora_alpha=4, seed=j)
+    specs = objectives.parse_objectives([{"name": "a", "path": str(tiny["rm_llama"])}])
+    specs += objectives.parse_objectives([{"name": "b", "path": str(tiny["rm_llama"])}])
+    folder = tmp_path / "soup"
+    soup.init_soup(folder, objectives=specs, beta=0.7, matrix=backbone_matrix(0.7, 2), sft=str(tiny["policy"]))
+    for j in range(2):
+        soup.register_backbone(folder, j, status="trained", checkpoint=tmp_path / f"adapter{j}")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"input": PROMPTS[0]}) + "\n")
+    r = evaluate.evaluate(
+        folder, [[0.3, 0.7]], tmp_path / "p.jsonl", tmp_path / "out", alpha=0.2, sampling={"max_new_tokens": 4}
+    )
+    merged = tmp_path / "out" / "models" / "mu_0.30_0.70"
+    record = json.loads((merged / "bonesoup_merge.json").read_text())
+    assert record["lora"] == "densified" and (merged / "model.safetensors").is_file()
+    # weights over the adapters only: (1 + alpha) lambda, extrapolating from their base model
+    lam = merge_coefficients(backbone_matrix(0.7, 2), [0.3, 0.7])
+    assert record["weights"] == pytest.approx((1.2 * lam).tolist(), abs=1e-12)
+    assert np.isfinite(r["mean"]).all() and r["samples"] == [1]
