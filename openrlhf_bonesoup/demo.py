@@ -60,7 +60,7 @@ def theorem_interval(beta: float) -> list[float]:
     return [float((1 - s) / 2), float((1 + s) / 2)]
 
 
-def _soup(folder: Path, beta: float, rows: np.ndarray) -> list[str]:
+def _soup(folder: Path, beta: float, rows: np.ndarray) -> None:
     """A soup folder whose backbone j is the optimum of sum_i rows[j, i] r_i, saved as safetensors."""
     from safetensors.numpy import save_file
 
@@ -74,7 +74,6 @@ def _soup(folder: Path, beta: float, rows: np.ndarray) -> list[str]:
         checkpoint.mkdir(parents=True)
         save_file({"theta": optimum(row).astype(np.float32)}, str(checkpoint / "model.safetensors"))
         soup.register_backbone(folder, j, status="trained", checkpoint=checkpoint)
-    return soup.trained_backbones(soup.read_soup(folder))
 
 
 def _merged_rewards(folder: Path, preferences: list[list[float]]) -> np.ndarray:
