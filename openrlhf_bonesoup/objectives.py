@@ -117,7 +117,7 @@ def _check_entry(entry: Any, index: int, base: Path) -> dict:
     unknown = set(entry) - SPEC_KEYS
     if unknown:
         raise BoneSoupError(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
-    spec = {k: v for k, v in entry.items() if v is not None}
+    spec = {k: v for k, v in entry.items() if v is not None and v != ""}
     if ("path" in spec) == ("url" in spec):
         raise BoneSoupError(f"{where} needs exactly one of `path` (checkpoint or .py file) and `url`")
     kind = "http" if "url" in spec else "function" if str(spec["path"]).endswith(".py") else "model"
@@ -195,6 +195,8 @@ class Objective:
             return values
         if isinstance(how, dict):
             return (values - how["mean"]) / how["std"]
+        if values.size == 0:
+            return values
         with self.lock:  # running: rollout workers score from several threads at once
             n, batch_mean = values.size, float(values.mean())
             delta, total = batch_mean - self.mean, self.count + n
@@ -271,7 +273,8 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
         tokenizer.pad_token = tokenizer.eos_token
     if objective.head == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # HF classifiers pool at the last non-pad token
-    objective.model = model.to(objective.device).eval()
+    # Left where the loader put it otherwise: a ZeRO-3 model (ds_config) is DeepSpeed's to place.
+    objective.model = (model if str(objective.device) == "cpu" else model.to(objective.device)).eval()
     objective.tokenizer = tokenizer
     objective.shares_policy_tokenizer = (
         objective.head == "openrlhf"
@@ -365,7 +368,9 @@ def _score_model(o: Objective, texts: Sequence[str] | None, policy_ids: tuple | 
             rows = o.tokenizer(list(texts), max_length=max_len, truncation=True, add_special_tokens=False)["input_ids"]
             rows = [row[:-1] + [o.tokenizer.eos_token_id] for row in rows]
             batch = o.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(o.device)
-            return o.model(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy()
+            # A ring-attention group runs the forward collectively: every rank has this same batch.
+            ring = {"ring_attn_group": forward_kwargs["ring_attn_group"]} if "ring_attn_group" in forward_kwargs else {}
+            return o.model(batch["input_ids"], batch["attention_mask"], **ring).float().cpu().numpy()
         batch = o.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         logits = o.model(**batch.to(o.device)).logits.float()
         label = o.spec.get("label", 0)
@@ -377,6 +382,8 @@ def _score_model(o: Objective, texts: Sequence[str] | None, policy_ids: tuple | 
 def _call_remote(o: Objective, queries: list[str], prompts: list, labels: list) -> np.ndarray:
     if o.kind == "function":
         result = o.func(queries, prompts, labels)
+        if isinstance(result, dict) and "rewards" not in result:
+            raise RuntimeError(f"objective {o.name}: reward_func returned a dict without 'rewards'")
         result = result["rewards"] if isinstance(result, dict) else result
         return np.asarray(result.float().cpu() if hasattr(result, "float") else result, dtype=np.float64)
     retries = o.spec.get("retries", DEFAULT_RETRIES)
@@ -503,15 +510,19 @@ def score_jsonl(
     raw = []
     output_path = Path(output_path)
     tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as out:
-        for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=None):
-            batch = records[start : start + batch_size]
-            prompts, responses = [r["prompt"] for r in batch], [r["response"] for r in batch]
-            texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-            batch_raw = raw_scores(objectives, texts=texts, prompts=prompts, labels=[r.get("label") for r in batch])
-            values = normalize(objectives, batch_raw)
-            for record, row in zip(batch, values, strict=True):
-                out.write(json.dumps({**record, "rewards": row.tolist(), "reward": float(row @ weights)}) + "\n")
-            raw.append(batch_raw)
-    os.replace(tmp, output_path)
+    try:
+        with open(tmp, "w") as out:
+            for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=None):
+                batch = records[start : start + batch_size]
+                prompts, responses = [r["prompt"] for r in batch], [r["response"] for r in batch]
+                texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+                labels = [r.get("label") for r in batch]
+                batch_raw = raw_scores(objectives, texts=texts, prompts=prompts, labels=labels)
+                values = normalize(objectives, batch_raw)
+                for record, row in zip(batch, values, strict=True):
+                    out.write(json.dumps({**record, "rewards": row.tolist(), "reward": float(row @ weights)}) + "\n")
+                raw.append(batch_raw)
+        os.replace(tmp, output_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return np.concatenate(raw)

@@ -8,6 +8,7 @@ a stand-in for train() write the checkpoint that PolicyModelActor.save_model wou
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,7 @@ def test_our_flags_are_removed_and_the_rest_parsed_by_openrlhf(tiny):
     assert [o["name"] for o in args.bonesoup["objectives"]] == ["rm_llama", "rm_gpt2"]
     assert args.reward.model_name_or_path == rms and args.reward.remote_url is None  # the in-cluster actor
     assert plan["backbone_index"] == 1 and plan["soup_dir"] == "/tmp/s"
+    assert args.ckpt.output_dir == plan["output_dir"] == str(Path.cwd() / "ckpt")  # upstream's default, absolute
     assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
     assert json.loads(plan["runtime_env"]["env_vars"][worker.CONFIG_ENV]) == args.bonesoup
 

@@ -144,6 +144,8 @@ def test_missing_file_and_empty_spec(tmp_path):
     one_line(e)
     with pytest.raises(BoneSoupError, match="no objectives"):
         objectives.parse_objectives("")
+    with pytest.raises(BoneSoupError, match="objective 1 needs exactly one of"):
+        objectives.parse_objectives("rmA,,rmB")  # a stray comma
 
 
 # --- combiners -----------------------------------------------------------------------------------

@@ -203,7 +203,9 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         },
     }
     backbone_index = ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective
-    output_dir = str(Path(args.ckpt.output_dir).resolve())
+    # Absolute, so that the policy actor (another process, maybe another node) saves where the
+    # manifest and merge.after_training look.
+    output_dir = args.ckpt.output_dir = str(Path(args.ckpt.output_dir).resolve())
     launch.update(backbone_index=backbone_index, output_dir=output_dir, merge_preferences=preferences)
     env = runtime_env(args.bonesoup)
     if ours.dry_run:
