@@ -11,7 +11,7 @@ file is written by hand (an 8-byte length, a JSON header, then the raw tensor by
 format) because `safetensors.torch.save_file` needs a whole shard in RAM: here the header is known
 before any tensor is computed, so each chunk goes to its byte offset at once, memory stays at a few
 chunks whatever the model size, n or K, and worker processes can fill disjoint byte ranges of the
-same files. Shard names and the index follow HF (`huggingface_hub.split_torch_state_dict_into_shards`).
+same files. Shard names and the index follow HF (huggingface_hub's shard split, as save_pretrained uses).
 
 LoRA adapters (PEFT folders): the merged adapter is exact by rank concatenation,
 sum_j w_j s_j B_j A_j = [w_1 s_1 B_1 ... w_n s_n B_n] [A_1; ...; A_n] with s_j PEFT's scaling,
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -387,9 +387,12 @@ def _stream(
             shape = [a.shape[1], b.shape[0]] if transposed else [b.shape[0], a.shape[1]]
             if name not in spec or spec[name][1] != shape:
                 raise BoneSoupError(f"the adapters change {name!r} {shape}, which the base model {inputs[0]} lacks")
-    meta = {name: torch.empty(shape, dtype=_DTYPES[dtype], device="meta") for name, (dtype, shape) in spec.items()}
+    sizes = {name: _nbytes(dtype, shape) for name, (dtype, shape) in spec.items()}
     try:
-        split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+        # HF's own shard split (as save_pretrained does), fed byte sizes instead of tensors.
+        split = split_state_dict_into_shards_factory(
+            sizes, get_storage_size=int, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
     except ValueError as e:
         raise BoneSoupError(f"bad max shard size {max_shard_size!r}: {e}") from None
 
@@ -410,17 +413,16 @@ def _stream(
 
     # Jobs: runs of tensors of about equal bytes; several per worker so the bar moves and loads balance.
     order = sorted(spec, key=lambda name: where[name])
-    nbytes = {name: _nbytes(*spec[name]) for name in order}
-    total = sum(nbytes.values())
+    total = sum(sizes.values())
     per_job = total / (1 if workers == 1 else 4 * workers)
     groups: list[list[str]] = [[]]
     filled = 0
     for name in order:
-        if groups[-1] and filled + nbytes[name] > per_job:
+        if groups[-1] and filled + sizes[name] > per_job:
             groups.append([])
             filled = 0
         groups[-1].append(name)
-        filled += nbytes[name]
+        filled += sizes[name]
     jobs = [
         {
             "inputs": [str(p) for p in inputs],
