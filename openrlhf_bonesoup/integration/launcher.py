@@ -15,6 +15,10 @@ Ray placement, vLLM rollouts and trainer run as they are. Two seams, both in thi
   so it is swapped for ours before runpy and restored after.
 
 After train() returns (the model is saved), the backbone is handed to merge.after_training.
+
+The upstream patch (patches/openrlhf-0.11.2-bonesoup.patch) reaches the same path from OpenRLHF's own
+`python -m openrlhf.cli.train_ppo_ray`: its parser calls `add_arguments`, and when `requested(args)`
+it hands the whole argv to `main`, which runs that script again without our flags.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ UPSTREAM = "openrlhf.cli.train_ppo_ray"
 PROG = "python -m openrlhf_bonesoup.cli.train_ppo_ray"
 REWARD_FUNC_FILE = str(Path(__file__).with_name("reward_func.py"))
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for the driver
+_running_openrlhf = False  # True while _run_openrlhf runs OpenRLHF's main (see add_arguments)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +56,31 @@ class DryRun(Exception):
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: an OpenRLHF flag must never be taken for a prefix of one of ours.
     parser = _Parser(prog=PROG, add_help=False, allow_abbrev=False, description=__doc__.split("\n")[0])
+    _add_flags(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Our flags on OpenRLHF's own parser (the patched train_ppo_ray). They stay out of its args unless
+    given, so a run without them is upstream's. Nothing is added while `main` runs that script on the
+    argv it stripped of our flags: a leftover (an abbreviation) is then OpenRLHF's unrecognized flag."""
+    if _running_openrlhf:
+        return
+    # argparse gives a flag added without a default the container's argument_default.
+    upstream_default, parser.argument_default = parser.argument_default, argparse.SUPPRESS
+    try:
+        _add_flags(parser)
+    finally:
+        parser.argument_default = upstream_default
+
+
+def requested(args: argparse.Namespace) -> bool:
+    """Whether OpenRLHF's parsed args (the patched parser) hold any of our flags: then `main` takes over."""
+    ours = vars(build_parser().parse_args([]))  # every dest of ours
+    return any(hasattr(args, dest) for dest in ours)  # add_arguments: present only when given
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
     objectives.add_reward_arguments(parser)
     group = parser.add_argument_group("Bone Soup soup and merge")
     group.add_argument("--soup_dir", "--soup.dir", dest="soup_dir", help="soup folder: writes/updates soup.json")
@@ -62,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--dry_run", "--launcher.dry_run", dest="dry_run", action="store_true", help="print what would run and exit"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,8 +149,13 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _run_openrlhf(argv: list[str]) -> None:
+    global _running_openrlhf
     sys.argv = [UPSTREAM, *argv]
-    runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
+    _running_openrlhf = True
+    try:
+        runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
+    finally:
+        _running_openrlhf = False
 
 
 @contextlib.contextmanager
