@@ -168,10 +168,17 @@ def test_workers_write_the_same_bytes(ckpts, tmp_path):
         assert (one / name).read_bytes() == (two / name).read_bytes()
 
 
-def test_ray_tasks_when_ray_is_initialised(ckpts, tmp_path):
+def test_ray_tasks_when_ray_is_initialised(ckpts, tmp_path, monkeypatch):
+    import concurrent.futures
+
     ray = pytest.importorskip("ray")
     inputs = [ckpts["bf16_0"], ckpts["bf16_1"]]
     (one,) = merge_checkpoints(inputs, [[0.2, 0.8]], [tmp_path / "one"], max_shard_size="30KB", progress=False)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("with Ray initialised the merge must not start a local process pool")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         (two,) = merge_checkpoints(
