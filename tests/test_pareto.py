@@ -1,8 +1,6 @@
 """Fronts and indicators of evaluate.py against values worked out by hand, and select-beta."""
 
 import json
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,11 +154,3 @@ def test_select_beta_refuses_incomparable_runs(tmp_path, capsys):
     assert main(["select-beta", a, str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("openrlhf-bonesoup: error:") == 3 and "Traceback" not in err
-
-
-def test_select_beta_recipe_script_parses():
-    script = Path(__file__).resolve().parent.parent / "examples" / "scripts" / "select_beta.sh"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    assert 'BETAS=${BETAS:-"0.6 0.7 0.8"}' in text and "--data.max_samples" in text
-    assert "openrlhf_bonesoup.cli.train_ppo_ray" in text and "openrlhf-bonesoup select-beta" in text
