@@ -34,3 +34,12 @@ def test_install_script_never_names_an_unpinned_torch():
 def test_top_level_layout():
     for name in ("pyproject.toml", "README.md", "openrlhf_bonesoup", "examples", "tests", "patches"):
         assert (ROOT / name).exists(), name
+
+
+def test_readme_coefficients_example_prints_what_it_shows(capsys):
+    from openrlhf_bonesoup.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(openrlhf-bonesoup coefficients .*?)\n# (.*?)\n```", readme, re.S)
+    assert main(block.group(1).split()[1:]) == 0
+    assert capsys.readouterr().out.strip() == block.group(2)

@@ -53,7 +53,8 @@ def cmd_coefficients(args: argparse.Namespace) -> int:
         out["lambda_extrapolated"] = weights.tolist()
         out["sft_weight"] = sft_weight
     if args.json:
-        print(json.dumps(out))
+        # 12 decimals: 0.3, not 0.30000000000000004; 0.0, not -7.9e-17 from the solve.
+        print(json.dumps({k: (np.round(v, 12) + 0.0).tolist() for k, v in out.items()}))
         return 0
     with np.printoptions(precision=6, suppress=True):
         print(f"B (n = {len(mu)}):\n{matrix}")
