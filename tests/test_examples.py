@@ -1,5 +1,6 @@
-"""examples/: every script parses; run with recording stand-ins for the `ray` and `openrlhf-bonesoup`
-commands (nothing is launched), every command they issue is parsed by the real parsers: OpenRLHF
+"""examples/: every script parses; run with recorders in place of the `ray` and `openrlhf-bonesoup`
+commands (they write down their arguments, nothing is launched: what is tested is that every command
+the scripts issue is accepted by the real parsers), every command is parsed by the real parsers: OpenRLHF
 0.11.2's train_ppo_ray behind the launcher's dry run, and the `openrlhf-bonesoup` CLI. The objective
 specs load, and the summary reward_func files score what the plugin hands them.
 """

@@ -93,8 +93,17 @@ def test_http_and_function_objectives_go_through_reward_func(tiny, tmp_path):
 def test_an_objectives_file_of_models_feeds_upstreams_reward_group(tiny, tmp_path):
     (tmp_path / "o.json").write_text(json.dumps([{"path": str(tiny["rm_gpt2"])}, {"path": str(tiny["rm_llama"])}]))
     _, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.json"), *OURS))
-    # train() initialises the reward group only when this is set; upstream's critic default is its first entry
+    # train() initialises the reward group only when this is set
     assert args.reward.model_name_or_path == f"{tiny['rm_gpt2']},{tiny['rm_llama']}"
+    # ... and upstream would start the GAE critic from its first entry, a GPT-2 on another tokenizer:
+    # the launcher starts it from the policy instead.
+    assert args.critic.model_name_or_path == str(tiny["policy"])
+
+
+def test_an_explicit_critic_is_kept(tiny, tmp_path):
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_gpt2']},{tiny['rm_llama']}", *OURS)
+    _, args = launcher.resolve(argv + ["--critic.model_name_or_path", str(tiny["rm_llama"])])
+    assert args.critic.model_name_or_path == str(tiny["rm_llama"])
 
 
 def test_help_prints_ours_and_openrlhfs(capsys):

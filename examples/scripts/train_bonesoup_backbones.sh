@@ -92,7 +92,7 @@ for j in 0 1; do
         --ds.enable_sleep
 done
 
-# --critic.model_name_or_path: upstream defaults the critic to the first reward model, here a GPT-2 or a
-# reward_func file; the critic reads the policy's token ids, so it starts from the SFT model instead.
+# --critic.model_name_or_path: the critic reads the policy's token ids, so it starts from the SFT model (the
+# launcher's default too; upstream would start it from the first reward model, here a GPT-2).
 # Upstream's --ds.packing_samples and --train.dynamic_batch_enable are left out: the composite reward
 # actor has not been run with packed sequences on a GPU. 512 + MAX_NEW_TOKENS: prompt + response tokens.

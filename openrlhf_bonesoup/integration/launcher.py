@@ -219,9 +219,14 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     if remote_url or any(s["kind"] != "model" for s in specs):
         args.reward.remote_url = REWARD_FUNC_FILE
     else:
-        # Upstream reads this to build and initialise the reward group, and defaults the critic to
-        # its first entry (as for `--reward.model_name_or_path rmA,rmB`).
+        # Upstream reads this to build and initialise the reward group (as for `rmA,rmB`).
         args.reward.model_name_or_path = ",".join(s["path"] for s in specs)
+    # Upstream starts a GAE critic from the first reward model when none is given. With n objectives
+    # that choice is arbitrary and often wrong (an HF classifier on another tokenizer), so the critic
+    # starts from the policy instead, as upstream does for remote rewards; an explicit flag wins.
+    critic_defaulted = args.algo.advantage.estimator == "gae" and args.critic.model_name_or_path is None
+    if critic_defaulted:
+        args.critic.model_name_or_path = args.actor.model_name_or_path
     args.bonesoup = {
         "objectives": specs,
         "weights": weights.tolist(),
@@ -249,6 +254,7 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
                 "bonesoup": args.bonesoup,
                 "reward.model_name_or_path": args.reward.model_name_or_path,
                 "reward.remote_url": args.reward.remote_url,
+                "critic.model_name_or_path": args.critic.model_name_or_path,
                 "backbone_index": backbone_index,
                 "output_dir": output_dir,
                 "soup_dir": ours.soup_dir,
@@ -259,6 +265,8 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         )
     if ours.soup_dir:
         _register(ours, specs, args, argv, backbone_index, output_dir)
+    if critic_defaulted:
+        print(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {args.actor.model_name_or_path}")
     _start_ray(env)
     return args
 
