@@ -17,6 +17,7 @@ HTTP and function objectives get OpenRLHF's own query text, as upstream would se
 One scoring core, `raw_scores`, serves the `score` command (`score_texts`), the in-cluster reward
 actor and the `reward_func` file, so evaluation scores text exactly as training did. HTTP requests use
 urllib from the stdlib, one POST per batch and endpoint in a thread pool: no client session to keep.
+Function objectives run in the caller's thread (see raw_scores).
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ def raw_scores(
     from policy_ids = (input_ids, attention_mask) with policy_tokenizer, and only if some objective
     needs text. queries/prompts/labels go to HTTP and function objectives (queries default to texts).
     forward_kwargs go to OpenRLHF RMs that take policy_ids (ring_attn_group, pad_sequence, ...).
-    HTTP and function objectives run in threads while the models run here.
+    HTTP endpoints are queried in threads while the models and function objectives run here.
     """
     if texts is None and any(o.kind == "model" and not (o.shares_policy_tokenizer and policy_ids) for o in objectives):
         texts = policy_texts(policy_tokenizer, *policy_ids)
@@ -320,12 +321,17 @@ def raw_scores(
     prompts = list(prompts) if prompts is not None else [None] * size
     labels = list(labels) if labels is not None else [None] * size
     columns: dict[int, Any] = {}
-    remote = [(i, o) for i, o in enumerate(objectives) if o.kind != "model"]
-    with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-        futures = {i: pool.submit(_call_remote, o, list(queries), prompts, labels) for i, o in remote}
+    # Only endpoints wait on the network, so only they run concurrently. Function objectives stay in
+    # this thread: a reward_func that loads a model lazily must not race another one, since
+    # transformers' from_pretrained patches torch's init functions process-wide while it loads.
+    http = [(i, o) for i, o in enumerate(objectives) if o.kind == "http"]
+    with ThreadPoolExecutor(max_workers=max(1, len(http))) as pool:
+        futures = {i: pool.submit(_call_remote, o, list(queries), prompts, labels) for i, o in http}
         for i, o in enumerate(objectives):
             if o.kind == "model":
                 columns[i] = _score_model(o, texts, policy_ids, forward_kwargs)
+            elif o.kind == "function":
+                columns[i] = _call_remote(o, list(queries), prompts, labels)
         columns.update({i: f.result() for i, f in futures.items()})
     columns = {i: np.asarray(c, dtype=np.float64).reshape(-1) for i, c in columns.items()}
     for i, o in enumerate(objectives):

@@ -187,15 +187,15 @@ def test_prompt_formats_are_the_reference_codes():
     )
 
 
-def test_summary_reward_funcs_score_the_summary_against_the_post(tiny):
+def test_summary_reward_funcs_score_the_summary_against_the_post(tiny, monkeypatch):
     prepare = load(SCRIPTS / "prepare_prompts.py")
     post = "The weather today is sunny with a light breeze; tomorrow may bring rain and colder air."
     prompts = [prepare.summary_prompt(post)] * 2
     summaries = ["sunny today, rain tomorrow", "a fox jumps over a dog"]
     responses = [summaries[0] + "</s>", summaries[1]]  # the policy's eos, as OpenRLHF decodes a query
+    for env in ("FAITHFUL_MODEL", "SUMMARY_MODEL"):  # the tiny GPT-2 classifier instead of the downloads
+        monkeypatch.setenv(env, str(tiny["classifier"]))
     objs = objectives.load_objectives(str(EXAMPLES / "objectives" / "summary.yaml"))
-    for o in objs:  # the tiny GPT-2 classifier (2 labels) instead of the downloaded models
-        o.func.__globals__["MODEL"] = str(tiny["classifier"])
     scores = objectives.score_texts(objs, prompts, responses)  # as `evaluate` and `score` call them
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny["classifier"]))

@@ -9,6 +9,7 @@ formatted as OpenRLHF's RewardDataset formats training pairs (text + " " + eos, 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -258,6 +259,18 @@ def test_function_objective_gets_queries_prompts_labels(tmp_path):
     objs = objectives.load_objectives(str(tmp_path / "rules.py"))
     got = objectives.score_texts(objs, PROMPTS, RESPONSES, labels=["bonus", None, "x"])
     np.testing.assert_allclose(got[:, 0], [len(TEXTS[0]) + 100, len(TEXTS[1]), len(TEXTS[2])])
+
+
+def test_function_objectives_run_in_the_callers_thread(tmp_path):
+    # A reward_func that loads a model lazily must not race another: transformers' from_pretrained
+    # patches torch's init functions process-wide while loading (two racing loads once left them
+    # patched for the rest of the process). Only HTTP endpoints run in threads.
+    code = "import threading\ndef reward_func(q, p, l):\n    return [float(threading.get_ident())] * len(q)\n"
+    (tmp_path / "a.py").write_text(code)
+    (tmp_path / "b.py").write_text(code)
+    objs = objectives.load_objectives(f"{tmp_path / 'a.py'},{tmp_path / 'b.py'}")
+    got = objectives.score_texts(objs, PROMPTS, RESPONSES)
+    assert (got == float(threading.get_ident())).all()
 
 
 def test_fixed_and_running_normalisation(tmp_path):

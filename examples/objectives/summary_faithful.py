@@ -4,20 +4,30 @@ CogComp/bart-faithful-summary-detector is a BART sequence classifier over the pa
 labels 0 "Hallucinated" and 1 "Faithful"; the reward is the logit of label 1, as in the reference code.
 The post and the summary are read back from the prompt format of examples/scripts/prepare_prompts.py.
 Download the model beforehand (`hf download CogComp/bart-faithful-summary-detector`) or
-set MODEL to a local folder.
+set FAITHFUL_MODEL to a local folder.
 """
 
-import threading
+import os
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-MODEL = "CogComp/bart-faithful-summary-detector"
+MODEL = os.environ.get("FAITHFUL_MODEL", "CogComp/bart-faithful-summary-detector")
 FAITHFUL = 1  # label index of "Faithful"
 INPUT, RESPONSE = "### Input:", "### Response:"
 EOS_MARKERS = ("</s>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>")  # the policy's end of text, if decoded
-_lock = threading.Lock()
-_loaded = {}
+# Loaded when the file is imported (once per process, by the plugin's objective loader), never lazily
+# from the threads OpenRLHF calls reward_func in: transformers' from_pretrained patches torch's init
+# functions process-wide while it loads, so two first calls racing could leave them patched.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+tokenizer = AutoTokenizer.from_pretrained(MODEL)
+model = (
+    AutoModelForSequenceClassification.from_pretrained(
+        MODEL, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    )
+    .to(DEVICE)
+    .eval()
+)
 
 
 def post_and_summary(query: str, prompt: str) -> tuple[str, str]:
@@ -30,13 +40,6 @@ def post_and_summary(query: str, prompt: str) -> tuple[str, str]:
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list) -> torch.Tensor:
-    with _lock:  # OpenRLHF calls this from several threads; load once per process
-        if not _loaded:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            _loaded["tokenizer"] = AutoTokenizer.from_pretrained(MODEL)
-            _loaded["model"] = AutoModelForSequenceClassification.from_pretrained(MODEL, dtype=dtype).to(device).eval()
-    tokenizer, model = _loaded["tokenizer"], _loaded["model"]
     rewards = []
     with torch.no_grad():
         for query, prompt in zip(queries, prompts, strict=True):  # one at a time: no padding, as the reference

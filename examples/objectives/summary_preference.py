@@ -4,19 +4,29 @@ Tristan/gpt2_reward_summarization is a GPT-2 sequence classifier with one logit,
 openai/summarize_from_feedback; as in the reference code it reads "summary <|endoftext|> post" (its bos
 token between them). The post and the summary are read back from the prompt format of
 examples/scripts/prepare_prompts.py. Download the model beforehand
-(`hf download Tristan/gpt2_reward_summarization`) or set MODEL to a local folder.
+(`hf download Tristan/gpt2_reward_summarization`) or set SUMMARY_MODEL to a local folder.
 """
 
-import threading
+import os
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-MODEL = "Tristan/gpt2_reward_summarization"
+MODEL = os.environ.get("SUMMARY_MODEL", "Tristan/gpt2_reward_summarization")
 INPUT, RESPONSE = "### Input:", "### Response:"
 EOS_MARKERS = ("</s>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>")  # the policy's end of text, if decoded
-_lock = threading.Lock()
-_loaded = {}
+# Loaded when the file is imported (once per process, by the plugin's objective loader), never lazily
+# from the threads OpenRLHF calls reward_func in: transformers' from_pretrained patches torch's init
+# functions process-wide while it loads, so two first calls racing could leave them patched.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+tokenizer = AutoTokenizer.from_pretrained(MODEL)
+model = (
+    AutoModelForSequenceClassification.from_pretrained(
+        MODEL, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    )
+    .to(DEVICE)
+    .eval()
+)
 
 
 def post_and_summary(query: str, prompt: str) -> tuple[str, str]:
@@ -29,13 +39,6 @@ def post_and_summary(query: str, prompt: str) -> tuple[str, str]:
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list) -> torch.Tensor:
-    with _lock:  # OpenRLHF calls this from several threads; load once per process
-        if not _loaded:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            _loaded["tokenizer"] = AutoTokenizer.from_pretrained(MODEL)
-            _loaded["model"] = AutoModelForSequenceClassification.from_pretrained(MODEL, dtype=dtype).to(device).eval()
-    tokenizer, model = _loaded["tokenizer"], _loaded["model"]
     rewards = []
     with torch.no_grad():
         for query, prompt in zip(queries, prompts, strict=True):  # one at a time: no padding, as the reference
