@@ -116,6 +116,25 @@ def extrapolation_weights(lam: Sequence[float], alpha: float) -> tuple[np.ndarra
     return (1.0 + alpha) * np.asarray(lam, dtype=np.float64), -alpha
 
 
+def soup_weights(
+    matrix: np.ndarray, mu: Sequence[float], alpha: float | Sequence[float] = 0.0
+) -> tuple[np.ndarray, float]:
+    """Backbone weights and SFT weight of the merged model for preference mu.
+
+    alpha is one SFT extrapolation strength, or one per objective as the reference code searches them
+    (its k_i = 1 + alpha_i). The reference merges sum_i mu_i [(1 + alpha_i) lambda(e_i) theta - alpha_i
+    theta_sft]; lambda is linear in mu, so the backbone weights are B^-T (mu * (1 + alpha)) and the SFT
+    weight is -mu . alpha. With one alpha this is extrapolation_weights(merge_coefficients(B, mu), alpha).
+    """
+    mu = check_preference(mu, matrix.shape[0])
+    alphas = np.asarray(alpha, dtype=np.float64)
+    if alphas.ndim == 0:
+        alphas = np.full(mu.shape, float(alphas))
+    if alphas.shape != mu.shape or not np.all(np.isfinite(alphas)) or (alphas < 0).any():
+        raise BoneSoupError(f"alpha must be a finite number >= 0 (one, or one per objective: {mu.size}), got {alpha}")
+    return np.linalg.solve(np.asarray(matrix, dtype=np.float64).T, mu * (1.0 + alphas)), -float(mu @ alphas)
+
+
 def preference_grid(points: int, n: int = 2) -> list[np.ndarray]:
     """The evenly spaced grid (mu_1, 1 - mu_1) with mu_1 = 0, 1/(points-1), ..., 1 (n = 2 only).
 

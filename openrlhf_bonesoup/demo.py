@@ -80,19 +80,11 @@ def _merged_rewards(folder: Path, preferences: list[list[float]]) -> np.ndarray:
     """Merge the soup at every preference with the real engine; r of each merged theta, (K, n)."""
     from safetensors.numpy import load_file
 
-    from openrlhf_bonesoup.merge import sweep_outputs
+    from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
 
     manifest = soup.read_soup(folder)
     outputs = sweep_outputs(folder / "merged", preferences)
-    models = evaluate.merge_preferences(
-        soup.trained_backbones(manifest),
-        np.asarray(manifest["matrix"]),
-        None,
-        preferences,
-        [[0.0, 0.0]] * len(preferences),
-        outputs,
-        progress=False,
-    )
+    models = merge_soup(soup.trained_backbones(manifest), manifest["matrix"], preferences, outputs, progress=False)
     return np.stack([rewards(load_file(str(m / "model.safetensors"))["theta"].astype(np.float64)) for m in models])
 
 

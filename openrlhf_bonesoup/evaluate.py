@@ -135,64 +135,6 @@ def summarise(preferences: Sequence[Sequence[float]], samples: Sequence[np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------------
-# Merge plans.
-
-
-def soup_weights(matrix: np.ndarray, mu: Sequence[float], alphas: Sequence[float]) -> tuple[np.ndarray, float]:
-    """Backbone weights and SFT weight of the merged model for preference mu.
-
-    alphas holds one SFT extrapolation strength per objective. The reference code merges, for mu,
-    sum_i mu_i [(1 + alpha_i) lambda(e_i) theta - alpha_i theta_sft]; lambda is linear in mu, so the
-    backbone weights are B^-T (mu * (1 + alpha)) and the SFT weight is -mu . alpha. With one alpha
-    for all objectives this is coefficients.extrapolation_weights(lambda(mu), alpha).
-    """
-    mu = check_preference(mu, matrix.shape[0])
-    alphas = np.asarray(alphas, dtype=np.float64)
-    if alphas.shape != mu.shape or not np.all(np.isfinite(alphas)) or (alphas < 0).any():
-        raise BoneSoupError(f"alpha needs {mu.size} finite values >= 0 (one per objective), got {alphas.tolist()}")
-    return np.linalg.solve(np.asarray(matrix, dtype=np.float64).T, mu * (1.0 + alphas)), -float(mu @ alphas)
-
-
-def merge_preferences(
-    backbones: Sequence[str | os.PathLike],
-    matrix: np.ndarray,
-    sft: str | None,
-    preferences: Sequence[Sequence[float]],
-    alphas: Sequence[Sequence[float]],
-    outputs: Sequence[str | os.PathLike],
-    **engine_kw,
-) -> list[Path]:
-    """One sweep of the merge engine: outputs[k] merges the backbones for preferences[k] with the
-    per-objective extrapolation alphas[k] (see soup_weights). merge.merge_soup does the same for a
-    single alpha; the per-objective alphas of `--alpha auto` need the plan written out here.
-    LoRA backbones extrapolate away from their base model (a zero adapter), so the SFT model is
-    an input only for full checkpoints, as in merge_soup."""
-    from openrlhf_bonesoup import merge
-
-    matrix = check_matrix(matrix)
-    lora = all((Path(b) / merge.ADAPTER_CONFIG).is_file() for b in backbones)
-    use_sft = any(a for row in alphas for a in row) and not lora
-    if use_sft and not sft:
-        raise BoneSoupError("alpha > 0 extrapolates away from the SFT model, but the soup records no SFT checkpoint")
-    inputs = [*backbones, *([sft] if use_sft else [])]
-    rows, records = [], []
-    for mu, a in zip(preferences, alphas, strict=True):
-        weights, sft_weight = soup_weights(matrix, mu, a)
-        rows.append([*weights.tolist(), *([sft_weight] if use_sft else [])])
-        records.append(
-            {
-                "method": "bone soup",
-                "preference": [float(x) for x in mu],
-                "beta": float(matrix[0, 0]),
-                "matrix": matrix.tolist(),
-                "alpha": [float(x) for x in a],
-                "sft_weight": sft_weight,
-            }
-        )
-    return merge.merge_checkpoints(inputs, rows, outputs, provenance=records, **engine_kw)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Prompts and generation.
 
 
@@ -350,17 +292,30 @@ def search_alpha(
     For each objective i, merge its corner e_i for every alpha in coefficients.REFERENCE_ALPHAS
     (the reference's k = 1/(1-a), a in 0.1..0.5: weights k lambda(e_i), SFT weight 1 - k), generate
     for the validation prompts, score, and keep the alpha with the best mean score on objective i.
-    The 5 n candidates are one merge sweep into workdir, removed afterwards. Returns {"best": one
-    alpha per objective, "means": means[i][a] = mean scores of corner i with candidate a, ...}.
+    Each candidate is one merge sweep of the n corners into workdir, removed afterwards. Returns
+    {"best": one alpha per objective, "means": means[i][a] = mean scores of corner i with candidate a, ...}.
     """
+    from openrlhf_bonesoup.merge import merge_soup
+
     sampling = {**SAMPLING, **(sampling or {})}
     n = matrix.shape[0]
-    plans = [(i, a) for i in range(n) for a in REFERENCE_ALPHAS]
+    corners = np.eye(n).tolist()
     workdir = Path(workdir)
-    outputs = [workdir / f"objective{i}_alpha{a:.4f}" for i, a in plans]
-    corners = [np.eye(n)[i].tolist() for i, _ in plans]
     try:
-        models = merge_preferences(backbones, matrix, sft, corners, [[a] * n for _, a in plans], outputs, **engine_kw)
+        # models[i * k + c]: objective i's corner merged with candidate c, as `table` reads them below
+        by_alpha = [
+            merge_soup(
+                backbones,
+                matrix,
+                corners,
+                [workdir / f"objective{i}_alpha{a:.4f}" for i in range(n)],
+                sft=sft,
+                alpha=a,
+                **engine_kw,
+            )
+            for a in REFERENCE_ALPHAS
+        ]
+        models = [by_alpha[c][i] for i in range(n) for c in range(len(REFERENCE_ALPHAS))]
         means = [
             score_responses(objectives, prompts, generate(m, prompts, sampling), sampling["batch_size"]).mean(axis=0)
             for m in models
@@ -400,7 +355,7 @@ def evaluate(
     import torch
     from tqdm import tqdm
 
-    from openrlhf_bonesoup.merge import sweep_outputs
+    from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
     from openrlhf_bonesoup.objectives import load_objectives
 
     manifest = soup.read_soup(soup_dir)
@@ -435,13 +390,13 @@ def evaluate(
     # LoRA soups: merged adapters become full weights of their base model, which vLLM and
     # transformers both load as they are.
     engine_kw.setdefault("densify", all((Path(b) / "adapter_config.json").is_file() for b in backbones))
-    models = merge_preferences(
+    models = merge_soup(
         backbones,
         matrix,
-        sft,
         preferences,
-        [alphas] * len(preferences),
         sweep_outputs(output / "models", preferences),
+        sft=sft,
+        alpha=alphas,
         **engine_kw,
     )
     samples = []

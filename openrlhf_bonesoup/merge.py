@@ -53,8 +53,8 @@ from openrlhf_bonesoup.coefficients import (
     BoneSoupError,
     check_matrix,
     check_preference,
-    extrapolation_weights,
     merge_coefficients,
+    soup_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -679,13 +679,14 @@ def merge_soup(
     outputs: Sequence[str | os.PathLike],
     *,
     sft: str | os.PathLike | None = None,
-    alpha: float = 0.0,
+    alpha: float | Sequence[float] = 0.0,
     **engine_kw,
 ) -> list[Path]:
     """Bone Soup: outputs[k] = (1 + alpha) sum_j lambda_j theta_j - alpha theta_sft, lambda = B^-T mu_k.
 
-    Rewarded Soup is matrix = identity. With LoRA backbones the extrapolation is away from their base
-    model (an adapter of zero), so sft may be omitted, or must be that base model.
+    alpha is one extrapolation strength or one per objective (`--alpha auto`'s search result); see
+    coefficients.soup_weights. Rewarded Soup is matrix = identity. With LoRA backbones the extrapolation
+    is away from their base model (an adapter of zero), so sft may be omitted, or must be that base model.
     engine_kw go to merge_checkpoints (max_shard_size, overwrite, workers, progress, densify, base).
     """
     matrix = check_matrix(matrix)
@@ -694,37 +695,33 @@ def merge_soup(
         raise BoneSoupError(f"{len(backbones)} backbones for a {n} x {n} matrix B")
     if len(preferences) != len(outputs):
         raise BoneSoupError(f"{len(preferences)} preferences for {len(outputs)} outputs")
-    lams = [merge_coefficients(matrix, mu) for mu in preferences]
-    alpha = float(alpha)
-    extrapolation_weights(lams[0], alpha)  # validates alpha
+    plans = [soup_weights(matrix, mu, alpha) for mu in preferences]  # also validates mu and alpha
+    extrapolates = bool(np.any(np.asarray(alpha, dtype=np.float64)))
     inputs = [Path(b) for b in backbones]
     lora = all((p / ADAPTER_CONFIG).is_file() for p in inputs)
-    if lora and sft is not None and alpha:
+    if lora and sft is not None and extrapolates:
         base = json.loads((inputs[0] / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base or Path(base).resolve() != Path(sft).resolve():
             raise BoneSoupError(
                 f"LoRA backbones extrapolate from their base model ({base!r}), not from {sft}: omit --sft"
             )
-    use_sft = bool(alpha) and not lora
+    use_sft = extrapolates and not lora
     if use_sft and sft is None:
         raise BoneSoupError("alpha > 0 extrapolates away from the SFT model: give its checkpoint (--sft)")
     if use_sft:
         inputs.append(Path(sft))
-    weights = []
-    for lam in lams:
-        backbone_w, sft_w = extrapolation_weights(lam, alpha)
-        weights.append([*backbone_w.tolist(), sft_w] if use_sft else backbone_w.tolist())
+    weights = [[*backbone_w.tolist(), sft_w] if use_sft else backbone_w.tolist() for backbone_w, sft_w in plans]
     provenance = [
         {
             "method": "bone soup",
             "preference": [float(x) for x in mu],
             "beta": float(matrix[0, 0]),
             "matrix": matrix.tolist(),
-            "lambda": lam.tolist(),
-            "alpha": alpha,
-            "sft": str(Path(sft).resolve()) if sft is not None and alpha else None,
+            "lambda": merge_coefficients(matrix, mu).tolist(),
+            "alpha": np.asarray(alpha, dtype=np.float64).tolist(),
+            "sft": str(Path(sft).resolve()) if use_sft else None,
         }
-        for mu, lam in zip(preferences, lams, strict=True)
+        for mu in preferences
     ]
     return merge_checkpoints(inputs, weights, outputs, provenance=provenance, **engine_kw)
 

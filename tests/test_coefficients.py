@@ -15,6 +15,7 @@ from openrlhf_bonesoup.coefficients import (
     extrapolation_weights,
     merge_coefficients,
     preference_grid,
+    soup_weights,
 )
 
 
@@ -146,3 +147,31 @@ def test_grid():
     np.testing.assert_allclose(grid[3], [0.3, 0.7])
     with pytest.raises(BoneSoupError):
         preference_grid(11, n=3)
+
+
+def test_soup_weights_with_one_alpha_is_extrapolation_weights():
+    for beta in (0.6, 0.7, 0.8, 1.0):
+        matrix = backbone_matrix(beta, 2)
+        for mu in ([0.0, 1.0], [0.3, 0.7], [1.0, 0.0]):
+            for alpha in (0.0, 0.25, 1.0):
+                ref_weights, ref_sft = extrapolation_weights(merge_coefficients(matrix, mu), alpha)
+                for form in (alpha, [alpha, alpha]):
+                    weights, sft = soup_weights(matrix, mu, form)
+                    np.testing.assert_allclose(weights, ref_weights, atol=1e-12)
+                    assert sft == pytest.approx(ref_sft)
+
+
+def test_soup_weights_per_objective_alpha_is_the_reference_codes():
+    # Reference: x_j = sum_i mu_i k_i sol_i[j], SFT weight sum_i mu_i (1 - k_i), k_i = 1 + alpha_i,
+    # sol_i = solve([[w11, w21], [w12, w22]], e_i).
+    (w11, w12), (w21, w22) = backbone_matrix(0.7, 2)
+    sols = [np.linalg.solve([[w11, w21], [w12, w22]], e) for e in ([1, 0], [0, 1])]
+    alphas, mu = [0.25, 1.0], [0.3, 0.7]
+    ks = [1 + a for a in alphas]
+    weights, sft = soup_weights(backbone_matrix(0.7, 2), mu, alphas)
+    np.testing.assert_allclose(weights, [sum(mu[i] * ks[i] * sols[i][j] for i in range(2)) for j in range(2)])
+    assert sft == pytest.approx(sum(mu[i] * (1 - ks[i]) for i in range(2)))
+    with pytest.raises(BoneSoupError, match="alpha"):
+        soup_weights(backbone_matrix(0.7, 2), [0.5, 0.5], [-0.1, 0.0])
+    with pytest.raises(BoneSoupError, match="alpha"):
+        soup_weights(backbone_matrix(0.7, 2), [0.5, 0.5], [0.1, 0.2, 0.3])

@@ -15,7 +15,6 @@ from openrlhf_bonesoup.coefficients import (
     REFERENCE_ALPHAS,
     BoneSoupError,
     backbone_matrix,
-    extrapolation_weights,
     merge_coefficients,
 )
 
@@ -128,19 +127,6 @@ def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
     provenance = json.loads((tmp_path / "models" / "mu_0.30_0.70" / "bonesoup_merge.json").read_text())
     assert provenance["weights"] == pytest.approx(expected)
     assert provenance["inputs"][2]["path"] == soup.read_soup(soup_dir)["sft"]
-
-
-def test_soup_weights_with_one_alpha_is_extrapolation_weights():
-    for beta in (0.6, 0.7, 0.8, 1.0):
-        matrix = backbone_matrix(beta, 2)
-        for mu in ([0.0, 1.0], [0.3, 0.7], [1.0, 0.0]):
-            for alpha in (0.0, 0.25, 1.0):
-                weights, sft = evaluate.soup_weights(matrix, mu, [alpha, alpha])
-                ref_weights, ref_sft = extrapolation_weights(merge_coefficients(matrix, mu), alpha)
-                np.testing.assert_allclose(weights, ref_weights, atol=1e-12)
-                assert sft == pytest.approx(ref_sft)
-    with pytest.raises(BoneSoupError, match="alpha"):
-        evaluate.soup_weights(backbone_matrix(0.7, 2), [0.5, 0.5], [-0.1, 0.0])
 
 
 def test_prompts_are_formatted_as_openrlhf_formats_them(tiny, tmp_path):

@@ -118,10 +118,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         workdir = Path(outputs[0]).parent / ".alpha_search"
         search = evaluate.search_alpha(backbones, matrix, sft, objs, val, workdir, sampling, **engine_kw)
         print(f"--alpha auto: per-objective alphas {search['best']} (mean validation scores {search['means']})")
-        plans = [search["best"]] * len(preferences)
-        paths = evaluate.merge_preferences(backbones, matrix, sft, preferences, plans, outputs, **engine_kw)
-    else:
-        paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
+        alpha = search["best"]
+    paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
     with np.printoptions(precision=6, suppress=True):
         for mu, path in zip(preferences, paths, strict=True):
             lam = np.round(coefficients.merge_coefficients(matrix, mu), 12) + 0.0  # no "-0." from rounding noise
