@@ -145,3 +145,31 @@ def preference_grid(points: int, n: int = 2) -> list[np.ndarray]:
     if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
         raise BoneSoupError(f"the grid needs an integer number of points >= 2, got {points!r}")
     return [np.array([k / (points - 1), 1.0 - k / (points - 1)]) for k in range(points)]
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """'0.3,0.7' -> [0.3, 0.7], or a BoneSoupError naming the flag (`what`)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise BoneSoupError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_preferences(text: str, n: int | None = None) -> list[list[float]]:
+    """'0,1;0.5,0.5;1,0' -> [[0, 1], [0.5, 0.5], [1, 0]], each checked on the simplex (n: its size)."""
+    try:
+        prefs = [[float(x) for x in part.split(",")] for part in text.split(";") if part.strip()]
+    except ValueError:
+        raise BoneSoupError(f"preferences must look like '0,1;0.5,0.5;1,0', got {text!r}") from None
+    if not prefs:
+        raise BoneSoupError("no preference given")
+    for mu in prefs:
+        check_preference(mu, n or len(prefs[0]))
+    return prefs
+
+
+def preference_sweep(n: int, grid: int | None = None, text: str | None = None) -> list[list[float]]:
+    """The preferences of a sweep flag pair: a `grid`-point grid (n = 2) or an explicit '0,1;...' list."""
+    if grid is not None:
+        return [mu.tolist() for mu in preference_grid(grid, n)]
+    return parse_preferences(text, n)

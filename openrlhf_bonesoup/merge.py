@@ -52,8 +52,8 @@ from openrlhf_bonesoup import soup
 from openrlhf_bonesoup.coefficients import (
     BoneSoupError,
     check_matrix,
-    check_preference,
     merge_coefficients,
+    parse_preferences,
     soup_weights,
 )
 
@@ -724,19 +724,6 @@ def merge_soup(
         for mu in preferences
     ]
     return merge_checkpoints(inputs, weights, outputs, provenance=provenance, **engine_kw)
-
-
-def parse_preferences(text: str, n: int | None = None) -> list[list[float]]:
-    """'0,1;0.5,0.5;1,0' -> [[0, 1], [0.5, 0.5], [1, 0]], each checked on the simplex (n: its size)."""
-    try:
-        prefs = [[float(x) for x in part.split(",")] for part in text.split(";") if part.strip()]
-    except ValueError:
-        raise BoneSoupError(f"preferences must look like '0,1;0.5,0.5;1,0', got {text!r}") from None
-    if not prefs:
-        raise BoneSoupError("no preference given")
-    for mu in prefs:
-        check_preference(mu, n or len(prefs[0]))
-    return prefs
 
 
 def preference_name(mu: Sequence[float]) -> str:

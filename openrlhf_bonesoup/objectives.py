@@ -467,12 +467,7 @@ def weights_from_args(args: argparse.Namespace, n: int) -> np.ndarray:
         raise BoneSoupError("--reward_combiner is required: bonesoup, linear or single")
     reward_weights = None
     if args.reward_weights is not None:
-        try:
-            reward_weights = [float(x) for x in args.reward_weights.split(",")]
-        except ValueError:
-            raise BoneSoupError(
-                f"--reward_weights must be comma-separated numbers, got {args.reward_weights!r}"
-            ) from None
+        reward_weights = coefficients.parse_floats(args.reward_weights, "--reward_weights")
     return combiner_weights(
         args.reward_combiner,
         n,
@@ -506,9 +501,7 @@ def score_jsonl(
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BoneSoupError(f"{input_path}:{line_no} is not JSON: {e}") from None
-            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)):
-                raise BoneSoupError(f"{input_path}:{line_no} needs string fields prompt and response")
-            if not isinstance(record.get("response"), str):
+            if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "response"))):
                 raise BoneSoupError(f"{input_path}:{line_no} needs string fields prompt and response")
             records.append(record)
     if not records:

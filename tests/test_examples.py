@@ -21,8 +21,8 @@ from ray.runtime_env.runtime_env import _merge_runtime_env
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from openrlhf_bonesoup import cli, coefficients, objectives
+from openrlhf_bonesoup.coefficients import parse_preferences
 from openrlhf_bonesoup.integration import launcher, worker
-from openrlhf_bonesoup.merge import parse_preferences
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = EXAMPLES / "scripts"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup import coefficients, objectives
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
 
 PROG = "openrlhf-bonesoup"
 
@@ -24,14 +24,6 @@ class _Parser(argparse.ArgumentParser):
     # argparse prints the whole usage before its error; we promise one line.
     def error(self, message: str):  # type: ignore[override]
         raise BoneSoupError(f"{self.prog}: {message}")
-
-
-def parse_floats(text: str, what: str) -> list[float]:
-    """'0.3,0.7' -> [0.3, 0.7], or a BoneSoupError naming the flag."""
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise BoneSoupError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def _matrix(args: argparse.Namespace, n: int) -> np.ndarray:
@@ -91,10 +83,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         preferences = [parse_floats(args.preference, "--preference")]
         outputs = [args.output]
     else:
-        if args.grid is not None:
-            preferences = [mu.tolist() for mu in coefficients.preference_grid(args.grid, n)]
-        else:
-            preferences = merge.parse_preferences(args.preferences, n)
+        preferences = coefficients.preference_sweep(n, args.grid, args.preferences)
         outputs = merge.sweep_outputs(args.output, preferences)
     engine_kw = dict(
         max_shard_size=args.max_shard_size,
@@ -146,13 +135,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import evaluate, merge, soup  # torch, transformers: loaded by this sub-command only
+    from openrlhf_bonesoup import evaluate, soup  # torch, transformers: loaded by this sub-command only
 
-    n = soup.read_soup(args.soup_dir)["n"]
-    if args.grid is not None:
-        preferences = [mu.tolist() for mu in coefficients.preference_grid(args.grid, n)]
-    else:
-        preferences = merge.parse_preferences(args.preferences, n)
+    preferences = coefficients.preference_sweep(soup.read_soup(args.soup_dir)["n"], args.grid, args.preferences)
     compare = {}
     for item in args.compare:
         label, sep, path = item.partition("=")

@@ -202,12 +202,8 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     weights = objectives.weights_from_args(ours, len(specs))
     # Checked now, not after hours of training.
     preferences = None
-    if ours.merge_grid is not None:
-        preferences = [mu.tolist() for mu in coefficients.preference_grid(ours.merge_grid, len(specs))]
-    elif ours.merge_preferences is not None:
-        from openrlhf_bonesoup.merge import parse_preferences
-
-        preferences = parse_preferences(ours.merge_preferences, len(specs))
+    if ours.merge_grid is not None or ours.merge_preferences is not None:
+        preferences = coefficients.preference_sweep(len(specs), ours.merge_grid, ours.merge_preferences)
 
     # Route: the in-cluster actor holds models; HTTP/function objectives go through reward_func.
     remote_url = args.reward.remote_url
