@@ -1,16 +1,18 @@
 """Test set-up: CPU stand-ins for the two CUDA-only modules, and tiny local checkpoints.
 
 Stand-ins (see stand_ins/README.md): `flash_attn_2_cuda` and `vllm` cannot exist on a CPU
-machine, yet OpenRLHF imports them at import time. We *append* stand_ins/ to sys.path and to
-PYTHONPATH (for subprocesses and Ray workers), so a real installed module is always found first:
-the stand-ins are used only when the real module is absent. Everything else is the installed,
-real openrlhf 0.11.2 package.
+machine, yet OpenRLHF imports them at import time. They always come *after* site-packages, so a
+real installed module is always found first: here by appending stand_ins/ to sys.path; in
+subprocesses and Ray workers through stand_ins/boot/sitecustomize.py (named in PYTHONPATH), which
+appends it once the interpreter's site directories are set. Everything else is the installed, real
+openrlhf 0.11.2 package.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,18 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 STAND_INS = TESTS / "stand_ins"
+STAND_INS_BOOT = STAND_INS / "boot"
 
 if str(STAND_INS) not in sys.path:
     sys.path.append(str(STAND_INS))
 _pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-if str(STAND_INS) not in _pythonpath:
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_pythonpath, str(STAND_INS)])
+if str(STAND_INS_BOOT) not in _pythonpath:
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_pythonpath, str(STAND_INS_BOOT)])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails at once
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A checkpoint's own code (trust_remote_code tests) is copied here, not into ~/.cache/huggingface.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="bonesoup-hf-modules-"))
 
 import tiny_models  # noqa: E402  (needs the path set-up above)
 

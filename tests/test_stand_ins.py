@@ -1,12 +1,12 @@
 """The CPU stand-ins are used only when the real module is missing, and OpenRLHF itself runs."""
 
+import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
-from conftest import STAND_INS
+from conftest import STAND_INS, TESTS
 
 
 def test_stand_ins_in_use_here_because_real_modules_are_absent():
@@ -17,29 +17,50 @@ def test_stand_ins_in_use_here_because_real_modules_are_absent():
     assert vllm.__file__.startswith(str(STAND_INS))
     # Every installed location is searched before the stand-ins: nothing installed is shadowed.
     # (Ray may append the same site-packages again later; the first occurrence is the one searched.)
-    site_packages = str(Path(torch.__file__).parent.parent)
-    assert sys.path.index(site_packages) < sys.path.index(str(STAND_INS))
-
-
-def test_real_module_wins_when_present(tmp_path):
-    # A "real" vllm and flash_attn_2_cuda installed anywhere on the normal path take precedence.
-    (tmp_path / "vllm").mkdir()
-    (tmp_path / "vllm" / "__init__.py").write_text("REAL = True\n")
-    (tmp_path / "flash_attn_2_cuda.py").write_text("REAL = True\n")
-    code = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        sys.path.append({str(STAND_INS)!r})  # exactly what conftest does
-        import vllm, flash_attn_2_cuda
-        assert vllm.REAL and flash_attn_2_cuda.REAL, (vllm.__file__, flash_attn_2_cuda.__file__)
-        assert not hasattr(vllm, "STAND_IN")
-        print("real")
-        """
+    site = str(Path(torch.__file__).parent.parent)
+    assert sys.path.index(site) < sys.path.index(str(STAND_INS))
+    # A subprocess (and a Ray worker) gets them too, from stand_ins/boot/sitecustomize.py, last on its path.
+    code = (
+        f"import sys, vllm; print(vllm.__file__); print(sys.path.index({site!r}) < sys.path.index({str(STAND_INS)!r}))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "real"
+    assert r.stdout.split() == [str(STAND_INS / "vllm" / "__init__.py"), "True"]
+
+
+REAL_VLLM_EVERYWHERE = """
+import json, subprocess, sys
+sys.path.insert(0, {tests!r})
+import conftest  # the tests' own set-up, exactly as pytest runs it
+import vllm
+here = vllm.__file__
+child = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__file__)"], capture_output=True, text=True)
+import ray
+ray.init(num_cpus=1, include_dashboard=False)
+def where():
+    import vllm
+    return vllm.__file__
+worker = ray.get(ray.remote(where).remote())
+ray.shutdown()
+print(json.dumps([here, child.stdout.strip() or child.stderr[-500:], worker]))
+"""
+
+
+def test_a_real_vllm_in_a_site_directory_wins_in_process_subprocesses_and_ray_workers(tmp_path):
+    # A throwaway venv whose own site-packages holds a "real" vllm and which sees this venv's packages
+    # (a .pth adds them as a site directory): the place a real vllm has on a GPU machine.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "vllm").mkdir()
+    (site / "vllm" / "__init__.py").write_text("REAL = True\n")
+    ours = Path(torch.__file__).parent.parent
+    (site / "this_checkouts_venv.pth").write_text(f"import site; site.addsitedir({str(ours)!r})\n")
+    code = REAL_VLLM_EVERYWHERE.format(tests=str(TESTS))
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    real = str(site / "vllm" / "__init__.py")
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [real, real, real]
 
 
 def test_vllm_stand_in_refuses_to_generate():
