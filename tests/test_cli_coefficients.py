@@ -32,9 +32,10 @@ def test_no_sft_weight_without_alpha_and_n3():
 
 
 def test_human_output():
-    r = run("--preference", "0.5,0.5")
+    # mu = (0.3, 0.7) is row 2 of B(0.7): lambda = (0, 1), nowhere in the echoed inputs
+    r = run("--preference", "0.3,0.7")
     assert r.returncode == 0
-    assert "lambda" in r.stdout and "0.5" in r.stdout
+    assert "lambda = B^-1 mu: [0. 1.]" in r.stdout.splitlines()
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,30 @@ def test_lambda_matches_reference_solve_on_11_point_grid(beta):
         np.testing.assert_allclose(merge_coefficients(b, mu), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 6])
+@pytest.mark.parametrize("beta_frac", [0.15, 0.5, 0.9, 1.0])
+def test_lambda_matches_the_closed_form(n, beta_frac):
+    # B = (beta - c) I + c J with c = (1 - beta) / (n - 1) and rows summing to 1, so for mu on the
+    # simplex B^-1 mu = (mu - c 1) / (beta - c): written out here, no linear solve.
+    beta = 1 / n + beta_frac * (1 - 1 / n)
+    c = (1 - beta) / (n - 1)
+    rng = np.random.default_rng(n)
+    for mu in [np.eye(n)[0], np.full(n, 1 / n), rng.dirichlet(np.ones(n))]:
+        np.testing.assert_allclose(merge_coefficients(backbone_matrix(beta, n), mu), (mu - c) / (beta - c), atol=1e-12)
+
+
+def test_the_merge_undoes_the_backbone_rewards():
+    # Backbone j trains on h_j = w_j . r with w_j its combiner weights (combiners.py, row j of B); the
+    # merge sum_j lambda_j theta_j then trades off the objectives with weights sum_j lambda_j w_j = mu.
+    from openrlhf_bonesoup.combiners import combiner_weights
+
+    for n, beta in ((2, 0.7), (3, 0.6), (5, 0.8)):
+        rows = [combiner_weights("bonesoup", n, beta=beta, backbone_index=j) for j in range(n)]
+        mu = np.random.default_rng(0).dirichlet(np.ones(n))
+        lam = merge_coefficients(backbone_matrix(beta, n), mu)
+        np.testing.assert_allclose(sum(l_j * w_j for l_j, w_j in zip(lam, rows, strict=True)), mu, atol=1e-12)
+
+
 def test_lambda_extrapolates_at_the_ends():
     lam = merge_coefficients(backbone_matrix(0.7, 2), [1.0, 0.0])
     # by hand: 0.7 x + 0.3 y = 1 and 0.3 x + 0.7 y = 0 give x = 1.75, y = -0.75

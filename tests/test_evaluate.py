@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from rollouts import reference_rm
 from safetensors.torch import load_file, save_file
 
 from openrlhf_bonesoup import evaluate, objectives, soup
@@ -15,7 +16,6 @@ from openrlhf_bonesoup.coefficients import (
     REFERENCE_ALPHAS,
     BoneSoupError,
     backbone_matrix,
-    merge_coefficients,
 )
 
 PROMPTS = ["Human: How do I bake bread? Assistant:", "Human: Tell me a joke. Assistant:", "The weather today is"]
@@ -45,7 +45,7 @@ def soup_dir(tiny, tmp_path_factory):
     return folder
 
 
-def test_evaluate_end_to_end(soup_dir, tmp_path, capsys):
+def test_evaluate_end_to_end(soup_dir, tiny, tmp_path, capsys):
     root = soup_dir.parent
     morlhf = tmp_path / "morlhf.json"
     morlhf.write_text(json.dumps({"mean": [[-10.0, -10.0], [-9.0, -11.0]]}))
@@ -66,25 +66,25 @@ def test_evaluate_end_to_end(soup_dir, tmp_path, capsys):
     assert set(r["hypervolume"]) == {"bone_soup", "morlhf"}
     assert set(r["controllability"]) == {"rm_llama", "rm_gpt2"}
 
-    # every merged model is lambda = B^-1 mu of the backbones, as coefficients.py computes it
+    # every merged model is lambda = B^-1 mu of the backbones: for B(0.7), lambda_i = (mu_i - 0.3) / 0.4
     backbones = [load_file(p + "/model.safetensors") for p in soup.trained_backbones(soup.read_soup(soup_dir))]
     name = "model.embed_tokens.weight"
-    for mu, folder in zip(r["preferences"], ["mu_0.00_1.00", "mu_0.50_0.50", "mu_1.00_0.00"], strict=True):
-        lam = merge_coefficients(backbone_matrix(0.7, 2), mu)
+    lambdas = {"mu_0.00_1.00": (-0.75, 1.75), "mu_0.50_0.50": (0.5, 0.5), "mu_1.00_0.00": (1.75, -0.75)}
+    for folder, lam in lambdas.items():
         merged = load_file(str(out / "models" / folder / "model.safetensors"))[name]
         torch.testing.assert_close(merged, lam[0] * backbones[0][name] + lam[1] * backbones[1][name])
 
-    # the recorded scores are the objectives' own scores of the recorded responses, and the means
-    # in results.json/results.csv are their averages
-    objs = objectives.load_objectives(soup.read_soup(soup_dir)["objectives"])
+    # the recorded scores are each RM's score of prompt + recorded response (one at a time, fp32, as
+    # OpenRLHF's RewardDataset formats it), and the means in results.json/results.csv are their averages
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 3 and rows[1]["mu_rm_llama"] == "0.5"
     for k, folder in enumerate(["mu_0.00_1.00", "mu_0.50_0.50", "mu_1.00_0.00"]):
         lines = [json.loads(x) for x in (out / "generations" / f"{folder}.jsonl").read_text().splitlines()]
         assert [x["prompt"] for x in lines] == PROMPTS
-        again = objectives.score_texts(objs, PROMPTS, [x["response"] for x in lines])
+        texts = [p + x["response"] for p, x in zip(PROMPTS, lines, strict=True)]
+        again = [[reference_rm(tiny[n], t) for n in ("rm_llama", "rm_gpt2")] for t in texts]
         recorded = np.array([[x["rm_llama"], x["rm_gpt2"]] for x in lines])
-        np.testing.assert_allclose(recorded, again, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(recorded, again, atol=2e-2)  # the objectives load in bf16, batched
         np.testing.assert_allclose(means[k], recorded.mean(axis=0), rtol=1e-9)
         assert float(rows[k]["rm_gpt2_mean"]) == pytest.approx(means[k, 1])
     # seeded sampling: the same merged model gives the same responses again
@@ -214,7 +214,7 @@ def test_evaluate_a_lora_soup(tiny, tmp_path):
     merged = tmp_path / "out" / "models" / "mu_0.30_0.70"
     record = json.loads((merged / "bonesoup_merge.json").read_text())
     assert record["lora"] == "densified" and (merged / "model.safetensors").is_file()
-    # weights over the adapters only: (1 + alpha) lambda, extrapolating from their base model
-    lam = merge_coefficients(backbone_matrix(0.7, 2), [0.3, 0.7])
-    assert record["weights"] == pytest.approx((1.2 * lam).tolist(), abs=1e-12)
+    # weights over the adapters only: (1 + alpha) lambda, extrapolating from their base model;
+    # lambda = ((0.3 - 0.3) / 0.4, (0.7 - 0.3) / 0.4) = (0, 1) for B(0.7)
+    assert record["weights"] == pytest.approx([0.0, 1.2], abs=1e-12)
     assert np.isfinite(r["mean"]).all() and r["samples"] == [1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup import coefficients, objectives
+from openrlhf_bonesoup import coefficients, combiners, objectives
 from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
 
 PROG = "openrlhf-bonesoup"
@@ -44,14 +44,14 @@ def cmd_coefficients(args: argparse.Namespace) -> int:
         weights, sft_weight = coefficients.extrapolation_weights(lam, args.alpha)
         out["lambda_extrapolated"] = weights.tolist()
         out["sft_weight"] = sft_weight
+    out = {k: np.round(v, 12) + 0.0 for k, v in out.items()}  # 0.3, not 0.30000000000000004; 0, not -7.9e-17
     if args.json:
-        # 12 decimals: 0.3, not 0.30000000000000004; 0.0, not -7.9e-17 from the solve.
-        print(json.dumps({k: (np.round(v, 12) + 0.0).tolist() for k, v in out.items()}))
+        print(json.dumps({k: v.tolist() for k, v in out.items()}))
         return 0
     with np.printoptions(precision=6, suppress=True):
         print(f"B (n = {len(mu)}):\n{matrix}")
         print(f"preference mu: {np.asarray(mu)}")
-        print(f"lambda = B^-1 mu: {lam}")
+        print(f"lambda = B^-1 mu: {out['lambda']}")
         if args.alpha is not None:
             print(
                 f"with alpha = {args.alpha:g}: backbone weights {np.asarray(out['lambda_extrapolated'])}, "
@@ -119,15 +119,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     if bool(args.objectives) == bool(args.reward_model_name_or_path):
         raise BoneSoupError("give the objectives once: --reward.model_name_or_path A,B or --objectives FILE")
-    spec = args.objectives or args.reward_model_name_or_path
-    weights = objectives.weights_from_args(args, len(objectives.parse_objectives(spec)))
+    from openrlhf_bonesoup import scoring
+
+    specs = objectives.parse_objectives(args.objectives or args.reward_model_name_or_path)
+    combination = combiners.Combination(specs, combiners.weights_from_args(args, len(specs)))
     objs = objectives.load_objectives(
-        spec,
+        specs,
         device=args.device,
         model_kwargs={"param_dtype": args.param_dtype, "attn_implementation": args.attn_implementation},
     )
-    raw = objectives.score_jsonl(objs, weights, args.input, args.output, args.batch_size)
-    print(f"wrote {raw.shape[0]} records to {args.output}; weights {weights.tolist()}")
+    raw = scoring.score_jsonl(objs, combination, args.input, args.output, args.batch_size)
+    print(f"wrote {raw.shape[0]} records to {args.output}; weights {combination.weights.tolist()}")
     print("raw values per objective (before normalisation), e.g. for `normalize: {mean: M, std: S}`:")
     for o, column in zip(objs, raw.T, strict=True):
         print(f"  {o.name}: mean {column.mean():.6g}, std {column.std():.6g}, normalize {o.spec['normalize']}")
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score prompt/response JSONL with the training objectives and combiner")
     p.add_argument("--reward.model_name_or_path", dest="reward_model_name_or_path", help="objectives A,B,...")
-    objectives.add_reward_arguments(p)  # the launcher's combiner flags, one definition
+    combiners.add_reward_arguments(p)  # the launcher's combiner flags, one definition
     p.add_argument("--input", required=True, help='JSONL of {"prompt": ..., "response": ...}')
     p.add_argument("--output", required=True, help='JSONL: each record plus "rewards" and "reward"')
     p.add_argument("--batch_size", type=int, default=16)
