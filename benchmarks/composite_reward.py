@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/composite_reward.py [--batch 16] [--length 256] [--repeats 5]
 
 What upstream would run: each RM's own forward on input already in its own tokenizer. What the
-Bone Soup actor runs (objectives.raw_scores + normalisation + combination, as RewardModelActor.forward):
+Bone Soup actor runs (scoring.raw_scores, as RewardModelActor.forward, then the trainer's combination):
 - shared: two OpenRLHF RMs with the policy's tokenizer, both fed the rollout ids (no decode);
 - different: one RM with the policy's tokenizer, one GPT-2 RM with its own, fed decoded and
   re-encoded text (the bridging cost is inside the composite's time).
@@ -36,7 +36,8 @@ if importlib.util.find_spec("flash_attn_2_cuda") is None:  # CPU: the test stand
 import tiny_models  # noqa: E402  (tokenizers trained offline on a small corpus)
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from openrlhf_bonesoup import objectives  # noqa: E402
+from openrlhf_bonesoup import objectives, scoring  # noqa: E402
+from openrlhf_bonesoup.combiners import Combination  # noqa: E402
 
 
 def make_rms(root: Path) -> dict[str, Path]:
@@ -83,7 +84,7 @@ def rollout_batch(policy, batch: int, length: int):
 
 def separate_inputs(objs, policy, input_ids, mask):
     """Each RM's input in its own tokenizer, prepared before timing (what n separate actors would get)."""
-    texts = objectives.policy_texts(policy, input_ids, mask)
+    texts = scoring.policy_texts(policy, input_ids, mask)
     inputs = []
     for o in objs:
         if o.shares_policy_tokenizer:
@@ -96,12 +97,12 @@ def separate_inputs(objs, policy, input_ids, mask):
 
 
 def measure(objs, policy, input_ids, mask, repeats: int) -> dict[str, list[float]]:
-    weights = torch.full((len(objs),), 1.0 / len(objs))
+    combination = Combination([o.spec for o in objs], [1.0 / len(objs)] * len(objs))
     inputs = separate_inputs(objs, policy, input_ids, mask)
 
-    def composite():  # RewardModelActor.forward's body
-        raw = objectives.raw_scores(objs, policy_ids=(input_ids, mask), policy_tokenizer=policy, pad_sequence=True)
-        return torch.from_numpy(objectives.normalize(objs, raw)).float() @ weights
+    def composite():  # RewardModelActor.forward's body, then the trainer-side combination
+        raw = scoring.raw_scores(objs, policy_ids=(input_ids, mask), policy_tokenizer=policy, pad_sequence=True)
+        return combination(raw)[0]
 
     def separate():  # upstream: one RewardModelActor.forward per RM
         with torch.no_grad():
@@ -110,7 +111,7 @@ def measure(objs, policy, input_ids, mask, repeats: int) -> dict[str, list[float
     def bridging():  # the part of composite() that separate() does not do
         if all(o.shares_policy_tokenizer for o in objs):
             return
-        texts = objectives.policy_texts(policy, input_ids, mask)
+        texts = scoring.policy_texts(policy, input_ids, mask)
         for o in objs:
             if not o.shares_policy_tokenizer:
                 o.tokenizer([t + " " + o.tokenizer.eos_token for t in texts], add_special_tokens=False)

@@ -3,15 +3,16 @@
 For each preference mu the soup's backbones are merged (one sweep of the merge engine writes all K
 models), every merged model answers the same prompts with the same seeded sampling (vLLM when it is
 really installed and a GPU is present, else transformers' `generate`), and every response is scored
-by the soup's objectives with objectives.py's scoring core, the code the PPO reward used. Per
+by the soup's objectives with scoring.py's core, the code the PPO reward used. Per
 preference we keep the mean and standard error of each objective; across preferences the Pareto
 front, the hypervolume (reference point stated in results.json), controllability (Spearman
 correlation of each objective's mean score with its weight) and a plot that can overlay other soups.
 
 Libraries: hypervolume and non-dominated filtering are moocore's (the maintained C implementation
 that pymoo's HV indicator calls), Spearman is scipy's, the plot matplotlib's. Nothing here imports
-openrlhf except through objectives.py. `--alpha auto` is the reference code's extrapolation search
-(see search_alpha); `select_beta` compares short runs for several betas by hypervolume.
+openrlhf except through objectives.py (OpenRLHF RMs). `--alpha auto` is the reference code's
+extrapolation search (see search_alpha); `select_beta` compares short runs for several betas by
+hypervolume.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _generate_hf(model_dir, prompts, sampling) -> list[str]:
 def score_responses(
     objectives: Sequence, prompts: Sequence[str], responses: Sequence[str], batch_size: int
 ) -> np.ndarray:
-    """(N, n) raw objective values of prompt + response, in batches, through objectives.raw_scores.
+    """(N, n) raw objective values of prompt + response, in batches, through scoring.raw_scores.
 
     Raw, i.e. before each objective's training-time normalisation: a "running" normalisation would
     make a score depend on what was scored before it, and evaluation compares models in the reward
@@ -264,7 +265,7 @@ def score_responses(
     """
     from tqdm import tqdm
 
-    from openrlhf_bonesoup.objectives import raw_scores
+    from openrlhf_bonesoup.scoring import raw_scores
 
     parts = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch"):

@@ -1,36 +1,25 @@
-"""Objectives: the n reward sources r_1..r_n, their normalisation, tokenizer bridging and the combiners.
+"""Objectives: the n reward sources r_1..r_n, as the user specifies them and as they are loaded.
 
 An objective is one of
 - `model`: a reward model checkpoint. OpenRLHF-trained RMs load with OpenRLHF's own
-  `get_llm_for_sequence_regression`; a checkpoint whose config names a `*ForSequenceClassification`
-  architecture loads as an HF classifier (one logit, or one softmax class probability);
-- `http`: an endpoint speaking OpenRLHF's remote RM protocol (`openrlhf.cli.serve_rm`):
-  POST {"query", "prompts", "labels"} -> {"rewards": [...]};
-- `function`: a Python file defining OpenRLHF's `reward_func(queries, prompts, labels)`.
+  `get_llm_for_sequence_regression`, as upstream loads them; a checkpoint whose config names a
+  `*ForSequenceClassification` architecture loads as an HF classifier (one logit, or one softmax
+  class probability) with its own tokenizer;
+- `http`: an endpoint speaking OpenRLHF's remote RM protocol (`openrlhf.cli.serve_rm`);
+- `function`: a Python file defining OpenRLHF's `reward_func(queries, prompts, labels)`. It is
+  executed when loaded; `gpu: true` says that it loads a model, so it runs where the models run.
 
-Tokenizer bridging: rollouts arrive as token ids of the policy tokenizer. An OpenRLHF RM with the
-same vocabulary gets those ids directly (what upstream's RewardModelActor does, no decode); any other
-model gets the text decoded without the policy's special tokens, re-encoded with its own tokenizer
-(OpenRLHF RMs in the exact format of OpenRLHF's RewardDataset: `text + " " + eos`, eos forced last).
-HTTP and function objectives get OpenRLHF's own query text, as upstream would send it.
-
-One scoring core, `raw_scores`, serves the `score` command (`score_texts`), the in-cluster reward
-actor and the `reward_func` file, so evaluation scores text exactly as training did. HTTP requests use
-urllib from the stdlib, one POST per batch and endpoint in a thread pool: no client session to keep.
-Function objectives run in the caller's thread (see raw_scores).
+Scoring is in scoring.py, normalisation and the weighted sum in combiners.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
+import math
 import os
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +28,6 @@ from urllib.parse import urlparse
 import numpy as np
 import yaml
 
-from openrlhf_bonesoup import coefficients
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
 KINDS = ("model", "http", "function")
@@ -55,11 +43,12 @@ SPEC_KEYS = {
     "max_len",
     "retries",
     "timeout",
+    "deadline",
+    "trust_remote_code",
+    "gpu",
 }
 DEFAULT_MAX_LEN = 2048
-DEFAULT_RETRIES = 3
-DEFAULT_TIMEOUT = 180.0  # seconds, upstream's aiohttp timeout for remote RMs
-COMBINERS = ("bonesoup", "linear", "single")
+MAX_RETRIES = 10
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,8 +60,9 @@ def parse_objectives(spec: str | os.PathLike | Sequence[dict]) -> list[dict]:
 
     A file holds a list of objectives, or {"objectives": [...]}. Each has a `path` (checkpoint or
     .py file) or a `url`, and optionally name, tokenizer, label, output (logit|prob), normalize
-    (none | running | {mean, std}), max_len, retries, timeout. Existing local paths become absolute
-    (Ray workers on other nodes do not share our working directory); hub ids stay as they are.
+    (none | running | {mean, std}), max_len, trust_remote_code, gpu (functions), retries, timeout and
+    deadline (endpoints). Existing local paths become absolute (Ray workers on other nodes do not
+    share our working directory); hub ids stay as they are.
     """
     base = Path.cwd()
     if isinstance(spec, (str, os.PathLike)):
@@ -95,6 +85,12 @@ def parse_objectives(spec: str | os.PathLike | Sequence[dict]) -> list[dict]:
     if len(set(names)) != len(names):
         raise BoneSoupError(f"objective names must be unique, got {names}")
     return specs
+
+
+def needs_reward_actors(specs: Sequence[dict]) -> bool:
+    """Whether some objective holds a model (a checkpoint, or a `gpu: true` function): then every
+    objective is scored in the reward actor group, on the reward GPUs, and never in a rollout process."""
+    return any(s["kind"] == "model" or s.get("gpu") for s in specs)
 
 
 def _read_spec_file(path: Path) -> list:
@@ -137,6 +133,17 @@ def _check_entry(entry: Any, index: int, base: Path) -> dict:
     for key in ("label", "max_len", "retries"):
         if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 0):
             raise BoneSoupError(f"{where}: {key} must be an integer >= 0, got {spec[key]!r}")
+    if spec.get("retries", 0) > MAX_RETRIES:
+        raise BoneSoupError(f"{where}: retries must be at most {MAX_RETRIES}, got {spec['retries']}")
+    for key in ("timeout", "deadline"):
+        value = spec.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise BoneSoupError(f"{where}: {key} must be a number of seconds > 0, got {value!r}")
+    for key in ("trust_remote_code", "gpu"):
+        if not isinstance(spec.get(key, False), bool):
+            raise BoneSoupError(f"{where}: {key} must be true or false, got {spec[key]!r}")
+    if spec.get("gpu") and kind != "function":
+        raise BoneSoupError(f"{where}: `gpu: true` applies to reward_func files (checkpoints always run on GPUs)")
     spec["normalize"] = _check_normalize(spec.get("normalize", "none"), where)
     named = "name" in spec
     name = str(spec["name"]) if named else _default_name(spec)
@@ -149,6 +156,16 @@ def _resolved(path: str, base: Path) -> str:
     candidate = Path(path).expanduser()
     candidate = candidate if candidate.is_absolute() else base / candidate
     return str(candidate.resolve()) if candidate.exists() else path
+
+
+def _check_local(objective: Objective, path: str) -> None:
+    """A missing path that looks local (starts with '.', '/' or '~', or names an existing folder) is a
+    typo, refused here: transformers would take it for a hub id and wait for the network."""
+    candidate = Path(path).expanduser()
+    if not candidate.exists() and (
+        path.startswith((".", "/", "~")) or str(candidate.parent) != "." and candidate.parent.is_dir()
+    ):
+        raise BoneSoupError(f"objective {objective.name}: {path} does not exist")
 
 
 def _default_name(spec: dict) -> str:
@@ -184,28 +201,7 @@ class Objective:
     shares_policy_tokenizer: bool = False
     func: Callable | None = None
     device: Any = "cpu"
-    # Running statistics (Chan et al.'s parallel update), used when spec["normalize"] == "running".
-    count: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def normalize(self, values: np.ndarray) -> np.ndarray:
-        how = self.spec["normalize"]
-        if how == "none":
-            return values
-        if isinstance(how, dict):
-            return (values - how["mean"]) / how["std"]
-        if values.size == 0:
-            return values
-        with self.lock:  # running: rollout workers score from several threads at once
-            n, batch_mean = values.size, float(values.mean())
-            delta, total = batch_mean - self.mean, self.count + n
-            self.mean += delta * n / total
-            self.m2 += float(((values - batch_mean) ** 2).sum()) + delta**2 * self.count * n / total
-            self.count = total
-            std = np.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
-            return (values - self.mean) / max(std, 1e-8)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one forward at a time
 
 
 def load_objectives(
@@ -243,12 +239,21 @@ def load_objectives(
 
 def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-    path = objective.spec["path"]
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+    path, trust = objective.spec["path"], objective.spec.get("trust_remote_code", False)
+    for name in {path, objective.spec.get("tokenizer", path)}:
+        _check_local(objective, name)
+    # The config as a dict: deciding the kind of checkpoint must not run its remote code.
+    config_dict, _ = PretrainedConfig.get_config_dict(path)
+    if config_dict.get("auto_map") and not trust:
+        raise BoneSoupError(
+            f"objective {objective.name}: {path} loads with its own Python code (auto_map); if you trust it, "
+            "add `trust_remote_code: true` to this objective in an objectives file"
+        )
+    if any(a.endswith("ForSequenceClassification") for a in config_dict.get("architectures") or []):
         objective.head = "classifier"
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         label = objective.spec.get("label", 0 if config.num_labels == 1 else None)
         if label is None or label >= config.num_labels:
             raise BoneSoupError(
@@ -257,10 +262,11 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
             )
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model_kwargs["param_dtype"], torch.float32)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, attn_implementation=model_kwargs["attn_implementation"], trust_remote_code=True
+            path, dtype=dtype, attn_implementation=model_kwargs["attn_implementation"], trust_remote_code=trust
         )
     else:
         objective.head = "openrlhf"
+        _check_value_head(objective, config_dict.get("value_head_prefix", model_kwargs.get("value_head_prefix")))
         try:
             from openrlhf.models import get_llm_for_sequence_regression
         except ImportError as e:
@@ -269,7 +275,7 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
                 "install openrlhf with its flash-attn, or use an HF *ForSequenceClassification checkpoint"
             ) from None
         model = get_llm_for_sequence_regression(path, "reward", **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(objective.spec.get("tokenizer", path), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(objective.spec.get("tokenizer", path), trust_remote_code=trust)
     if tokenizer.pad_token is None:  # as openrlhf.utils.get_tokenizer does
         tokenizer.pad_token = tokenizer.eos_token
     if objective.head == "classifier" and model.config.pad_token_id is None:
@@ -285,243 +291,26 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Scoring.
+def _check_value_head(objective: Objective, prefix: str | None) -> None:
+    """A local checkpoint without the value head's weights is a causal LM, not a reward model:
+    OpenRLHF's loader would score it with a freshly initialised head (only transformers' MISSING note)."""
+    prefix = prefix or "score"
+    folder = Path(objective.spec["path"])
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        names = set(json.loads(index[0].read_text())["weight_map"])
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return  # a hub id, or pickled weights we do not open: OpenRLHF's loader decides
+        from safetensors import safe_open
 
-
-def policy_texts(policy_tokenizer: Any, input_ids: Any, attention_mask: Any) -> list[str]:
-    """Rollout ids -> text without padding or the policy's special tokens (bos, eos, chat markers)."""
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
-    return policy_tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-
-def raw_scores(
-    objectives: Sequence[Objective],
-    *,
-    texts: Sequence[str] | None = None,
-    policy_ids: tuple | None = None,
-    policy_tokenizer: Any = None,
-    queries: Sequence[str] | None = None,
-    prompts: Sequence[Any] | None = None,
-    labels: Sequence[Any] | None = None,
-    **forward_kwargs: Any,
-) -> np.ndarray:
-    """Per-objective values (N, n) before normalisation.
-
-    texts: prompt + response per sample, clean (no policy special tokens). When None, they are decoded
-    from policy_ids = (input_ids, attention_mask) with policy_tokenizer, and only if some objective
-    needs text. queries/prompts/labels go to HTTP and function objectives (queries default to texts).
-    forward_kwargs go to OpenRLHF RMs that take policy_ids (ring_attn_group, pad_sequence, ...).
-    HTTP endpoints are queried in threads while the models and function objectives run here.
-    """
-    if texts is None and any(o.kind == "model" and not (o.shares_policy_tokenizer and policy_ids) for o in objectives):
-        texts = policy_texts(policy_tokenizer, *policy_ids)
-    queries = queries if queries is not None else texts
-    size = len(queries if queries is not None else policy_ids[0])
-    prompts = list(prompts) if prompts is not None else [None] * size
-    labels = list(labels) if labels is not None else [None] * size
-    columns: dict[int, Any] = {}
-    # Only endpoints wait on the network, so only they run concurrently. Function objectives stay in
-    # this thread: a reward_func that loads a model lazily must not race another one, since
-    # transformers' from_pretrained patches torch's init functions process-wide while it loads.
-    http = [(i, o) for i, o in enumerate(objectives) if o.kind == "http"]
-    with ThreadPoolExecutor(max_workers=max(1, len(http))) as pool:
-        futures = {i: pool.submit(_call_remote, o, list(queries), prompts, labels) for i, o in http}
-        for i, o in enumerate(objectives):
-            if o.kind == "model":
-                columns[i] = _score_model(o, texts, policy_ids, forward_kwargs)
-            elif o.kind == "function":
-                columns[i] = _call_remote(o, list(queries), prompts, labels)
-        columns.update({i: f.result() for i, f in futures.items()})
-    columns = {i: np.asarray(c, dtype=np.float64).reshape(-1) for i, c in columns.items()}
-    for i, o in enumerate(objectives):
-        if columns[i].size != size:
-            raise RuntimeError(f"objective {o.name} returned {columns[i].size} values for {size} samples")
-    return np.stack([columns[i] for i in range(len(objectives))], axis=1)
-
-
-def normalize(objectives: Sequence[Objective], raw: np.ndarray) -> np.ndarray:
-    """Each column through its objective's normalisation (running statistics are updated)."""
-    return np.stack([o.normalize(raw[:, i]) for i, o in enumerate(objectives)], axis=1)
-
-
-def score_texts(
-    objectives: Sequence[Objective],
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    labels: Sequence[Any] | None = None,
-) -> np.ndarray:
-    """Per-objective values (N, n) of prompt/response pairs, after each objective's normalisation."""
-    if len(prompts) != len(responses):
-        raise BoneSoupError(f"{len(prompts)} prompts but {len(responses)} responses")
-    texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-    return normalize(objectives, raw_scores(objectives, texts=texts, prompts=prompts, labels=labels))
-
-
-def _score_model(o: Objective, texts: Sequence[str] | None, policy_ids: tuple | None, forward_kwargs: dict):
-    import torch
-
-    with o.lock, torch.no_grad():  # one forward at a time per model (rollout workers use threads)
-        if o.shares_policy_tokenizer and policy_ids is not None:
-            input_ids, attention_mask = (t.to(o.device) for t in policy_ids)
-            return o.model(input_ids, attention_mask, **forward_kwargs).float().cpu().numpy()
-        max_len = o.spec.get("max_len", DEFAULT_MAX_LEN)
-        if o.head == "openrlhf":
-            # Exactly OpenRLHF's RewardDataset.__getitem__: rstrip("\n"), append " " + eos unless there,
-            # tokenize without special tokens, then force eos as the last token (where the RM reads).
-            eos = o.tokenizer.eos_token
-            texts = [t.rstrip("\n") if t.rstrip("\n").endswith(eos) else t.rstrip("\n") + " " + eos for t in texts]
-            rows = o.tokenizer(list(texts), max_length=max_len, truncation=True, add_special_tokens=False)["input_ids"]
-            rows = [row[:-1] + [o.tokenizer.eos_token_id] for row in rows]
-            batch = o.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(o.device)
-            # A ring-attention group runs the forward collectively: every rank has this same batch.
-            ring = {"ring_attn_group": forward_kwargs["ring_attn_group"]} if "ring_attn_group" in forward_kwargs else {}
-            return o.model(batch["input_ids"], batch["attention_mask"], **ring).float().cpu().numpy()
-        batch = o.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        logits = o.model(**batch.to(o.device)).logits.float()
-        label = o.spec.get("label", 0)
-        if o.spec.get("output", "logit") == "prob":
-            return logits.softmax(-1)[:, label].cpu().numpy()
-        return logits[:, label].cpu().numpy()
-
-
-def _call_remote(o: Objective, queries: list[str], prompts: list, labels: list) -> np.ndarray:
-    if o.kind == "function":
-        result = o.func(queries, prompts, labels)
-        if isinstance(result, dict) and "rewards" not in result:
-            raise RuntimeError(f"objective {o.name}: reward_func returned a dict without 'rewards'")
-        result = result["rewards"] if isinstance(result, dict) else result
-        return np.asarray(result.float().cpu() if hasattr(result, "float") else result, dtype=np.float64)
-    retries = o.spec.get("retries", DEFAULT_RETRIES)
-    data = json.dumps({"query": queries, "prompts": prompts, "labels": labels}).encode()
-    for attempt in range(retries + 1):
-        try:
-            request = urllib.request.Request(o.spec["url"], data=data, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=o.spec.get("timeout", DEFAULT_TIMEOUT)) as response:
-                rewards = np.asarray(json.loads(response.read())["rewards"], dtype=np.float64).reshape(-1)
-            if rewards.size != len(queries):
-                raise ValueError(f"got {rewards.size} rewards for {len(queries)} queries")
-            return rewards
-        except (OSError, ValueError, KeyError, TypeError) as e:  # URLError/HTTPError are OSErrors
-            error = e
-            if attempt < retries:
-                time.sleep(min(0.5 * 2**attempt, 8.0))
-    # Never a silent zero or missing reward: the caller (and OpenRLHF's rollout) must see this.
-    raise RuntimeError(f"objective {o.name}: {o.spec['url']} failed {retries + 1} times; last error: {error!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Combiners: a weight vector over the n objectives. The trained reward is values @ weights.
-
-
-def combiner_weights(
-    combiner: str,
-    n: int,
-    *,
-    beta: float | None = None,
-    backbone_index: int | None = None,
-    reward_weights: Sequence[float] | None = None,
-    objective: int | None = None,
-) -> np.ndarray:
-    """bonesoup: row backbone_index of B(beta); linear: reward_weights (a point of the simplex, as in
-    MORLHF); single: e_objective (Rewarded Soup's per-objective baseline)."""
-    given = {"--beta": beta, "--backbone_index": backbone_index, "--reward_weights": reward_weights}
-    given["--objective"] = objective
-    needs = {"bonesoup": ("--beta", "--backbone_index"), "linear": ("--reward_weights",), "single": ("--objective",)}
-    if combiner not in needs:
-        raise BoneSoupError(f"unknown reward combiner {combiner!r}; choose one of {', '.join(COMBINERS)}")
-    for flag, value in given.items():
-        if flag in needs[combiner] and value is None:
-            raise BoneSoupError(f"--reward_combiner {combiner} needs {flag}")
-        if flag not in needs[combiner] and value is not None:
-            raise BoneSoupError(f"{flag} does not apply to --reward_combiner {combiner}")
-    if combiner == "bonesoup":
-        matrix = coefficients.backbone_matrix(beta, n)
-        if not 0 <= backbone_index < n:
-            raise BoneSoupError(f"--backbone_index must lie in 0..{n - 1} for {n} objectives, got {backbone_index}")
-        return matrix[backbone_index]
-    if combiner == "linear":
-        return coefficients.check_preference(reward_weights, n)
-    if not 0 <= objective < n:
-        raise BoneSoupError(f"--objective must lie in 0..{n - 1} for {n} objectives, got {objective}")
-    return np.eye(n)[objective]
-
-
-def add_reward_arguments(parser: argparse.ArgumentParser) -> None:
-    """The combiner flags, shared by the launcher and `openrlhf-bonesoup score` (dotted aliases in
-    OpenRLHF 0.11's style)."""
-    group = parser.add_argument_group("Bone Soup reward")
-    group.add_argument("--reward_combiner", "--reward.combiner", dest="reward_combiner", choices=COMBINERS)
-    group.add_argument("--beta", "--reward.beta", dest="beta", type=float, help="bonesoup: diagonal of B(beta)")
-    group.add_argument(
-        "--backbone_index", "--reward.backbone_index", dest="backbone_index", type=int, help="bonesoup: row j"
-    )
-    group.add_argument("--reward_weights", "--reward.weights", dest="reward_weights", help="linear: w1,...,wn (sum 1)")
-    group.add_argument("--objective", "--reward.objective", dest="objective", type=int, help="single: objective index")
-    group.add_argument("--objectives", "--reward.objectives", dest="objectives", help="YAML/JSON objectives file")
-
-
-def weights_from_args(args: argparse.Namespace, n: int) -> np.ndarray:
-    """combiner_weights from the flags of add_reward_arguments."""
-    if args.reward_combiner is None:
-        raise BoneSoupError("--reward_combiner is required: bonesoup, linear or single")
-    reward_weights = None
-    if args.reward_weights is not None:
-        reward_weights = coefficients.parse_floats(args.reward_weights, "--reward_weights")
-    return combiner_weights(
-        args.reward_combiner,
-        n,
-        beta=args.beta,
-        backbone_index=args.backbone_index,
-        reward_weights=reward_weights,
-        objective=args.objective,
-    )
-
-
-def score_jsonl(
-    objectives: Sequence[Objective],
-    weights: np.ndarray,
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Score {"prompt", "response"[, "label"]} records; write each with "rewards" (per objective, as the
-    combiner sees them) and "reward" (combined). Returns the raw values (N, n) for statistics.
-
-    The output is written to a temporary file and renamed: an interrupted run leaves no half file.
-    """
-    from tqdm import tqdm
-
-    records = []
-    with open(input_path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BoneSoupError(f"{input_path}:{line_no} is not JSON: {e}") from None
-            if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "response"))):
-                raise BoneSoupError(f"{input_path}:{line_no} needs string fields prompt and response")
-            records.append(record)
-    if not records:
-        raise BoneSoupError(f"{input_path} holds no records")
-    raw = []
-    output_path = Path(output_path)
-    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as out:
-            for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=None):
-                batch = records[start : start + batch_size]
-                prompts, responses = [r["prompt"] for r in batch], [r["response"] for r in batch]
-                texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-                labels = [r.get("label") for r in batch]
-                batch_raw = raw_scores(objectives, texts=texts, prompts=prompts, labels=labels)
-                values = normalize(objectives, batch_raw)
-                for record, row in zip(batch, values, strict=True):
-                    out.write(json.dumps({**record, "rewards": row.tolist(), "reward": float(row @ weights)}) + "\n")
-                raw.append(batch_raw)
-        os.replace(tmp, output_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return np.concatenate(raw)
+        names = set()
+        for f in files:
+            with safe_open(f, framework="pt") as handle:
+                names.update(handle.keys())
+    if f"{prefix}.weight" not in names:
+        raise BoneSoupError(
+            f"objective {objective.name}: {folder} has no value head `{prefix}.weight`: it is not a reward model "
+            "(a causal LM would be scored by a random head); give an OpenRLHF RM or an HF *ForSequenceClassification"
+        )

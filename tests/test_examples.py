@@ -20,7 +20,7 @@ import torch
 from ray.runtime_env.runtime_env import _merge_runtime_env
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from openrlhf_bonesoup import cli, coefficients, objectives
+from openrlhf_bonesoup import cli, coefficients, objectives, scoring
 from openrlhf_bonesoup.coefficients import parse_preferences
 from openrlhf_bonesoup.integration import launcher, worker
 
@@ -109,7 +109,8 @@ def test_summary_and_rewarded_soup_launches(tmp_path, monkeypatch):
         _, plan = launch(call, monkeypatch)
         assert plan["bonesoup"]["combiner"] == "single" and plan["bonesoup"]["weights"] == np.eye(2)[j].tolist()
         assert [o["kind"] for o in plan["bonesoup"]["objectives"]] == ["function", "function"]
-        assert plan["reward.remote_url"] == launcher.REWARD_FUNC_FILE  # reward_func files: the remote path
+        # reward_func files that load models (gpu: true): scored on the reward GPUs, never beside vLLM
+        assert plan["bonesoup"]["route"] == worker.ROUTE_ACTORS and plan["reward.remote_url"] is None
         assert plan["soup_dir"] == str(tmp_path / "soups" / "summary_rewarded_soup")
         argv = plan["openrlhf_argv"]
         assert argv[argv.index("--rollout.max_new_tokens") + 1] == "48"
@@ -196,7 +197,7 @@ def test_summary_reward_funcs_score_the_summary_against_the_post(tiny, monkeypat
     for env in ("FAITHFUL_MODEL", "SUMMARY_MODEL"):  # the tiny GPT-2 classifier instead of the downloads
         monkeypatch.setenv(env, str(tiny["classifier"]))
     objs = objectives.load_objectives(str(EXAMPLES / "objectives" / "summary.yaml"))
-    scores = objectives.score_texts(objs, prompts, responses)  # as `evaluate` and `score` call them
+    scores = scoring.score_texts(objs, prompts, responses)  # as `evaluate` and `score` call them
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny["classifier"]))
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny["classifier"])).eval()

@@ -1,99 +1,108 @@
-"""A real Ray local cluster started with the launcher's runtime_env (one per module: ~7 s).
+"""The composite reward on a real Ray local cluster, both routes, through OpenRLHF's own code.
 
 - every worker process runs the plugin's setup hook, which patches OpenRLHF's modules only when
   OpenRLHF imports them (nothing heavy is imported by the hook itself);
-- train_ppo_ray, imported with the actor replacement installed, builds its reward group from our
-  RewardModelActor; that actor (CPU, num_gpus=0) loads both tiny RMs with OpenRLHF's loader and
-  returns the combined reward plus per-objective values through upstream's own batch dispatch;
-- upstream's make_experience_batch, run in a hooked worker, turns that into `rewards` and
-  `info["reward/<name>"]` (what the policy actor logs), and computes advantages from it.
+- reward-actor route (some objective is a model): two of our RewardModelActors (num_gpus=0), built
+  by upstream's RayActorGroup as train() builds its reward group, score an OpenRLHF RM (policy
+  tokenizer), an HF classifier (its own tokenizer), a real `openrlhf.cli.serve_rm` endpoint and a
+  reward_func file reading the dataset labels; rollouts come from a stand-in of OpenRLHF's vLLM engine
+  actor (its SingleTurnAgentExecutor with train()'s remote_rm_url, HF generate for vLLM), which must
+  load no model but the policy;
+- reward_func route (no model): the same stand-in with our reward_func file as remote_rm_url;
+- upstream's make_experience_batch, in a hooked worker (the PPO trainer's role), combines once per
+  step: each sample's reward equals the combination computed here by hand, `running` normalisation
+  one global statistic over all samples of all steps so far.
 
-OpenRLHF's policy and reference actors need DeepSpeed on a GPU (setup_distributed); the log-probs
-here come from a CPU actor that runs openrlhf.models.Actor as ReferenceModelActor.forward does.
-Nothing of the reward path is replaced.
+OpenRLHF's policy actor needs DeepSpeed on a GPU (setup_distributed); log-probs here come from a CPU
+actor that runs openrlhf.models.Actor as ReferenceModelActor.forward does. Nothing of the reward path
+is replaced.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import runpy
 import sys
 
 import numpy as np
 import pytest
 import ray
+import rollouts
 import torch
 from openrlhf.models import Actor, get_llm_for_sequence_regression
 from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
 from openrlhf.utils import get_strategy
-from transformers import AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from openrlhf_bonesoup.integration import actor as bonesoup_actor
 from openrlhf_bonesoup.integration import launcher, worker
 
-PAIRS = [
-    ("Human: How do I bake bread? Assistant:", " Mix flour, water and salt."),
-    ("Human: Tell me a joke. Assistant:", " Why did the chicken cross the road?"),
-    ("Human: How can I stay safe online? Assistant:", " Use strong passwords."),
-    ("Summarize: a fox. TL;DR:", " a fox jumps"),
+PROMPTS = [
+    ("Human: How do I bake bread? Assistant:", "bonus"),
+    ("Human: Tell me a joke. Assistant:", None),
+    ("Human: How can I stay safe online? Assistant:", "bonus"),
+    ("Summarize: a fox. TL;DR:", None),
+    ("Human: Please be helpful. Assistant:", None),
+    ("The weather today is", "bonus"),
+    ("Human: Why is the sky blue? Assistant:", None),
+    ("Human: I cannot help with that request. Assistant:", None),
 ]
+STEPS = [PROMPTS[:4], PROMPTS[4:]]  # two PPO steps of rollout batch 4, micro-batches of 2
+RULES = """
+def reward_func(queries, prompts, labels):
+    # reads the dataset label: the length of the query, plus 5 when the label says "bonus"
+    return [len(q) + (5.0 if label == "bonus" else 0.0) for q, label in zip(queries, labels)]
+"""
+WEIGHTS = [0.7, 0.1, 0.1, 0.1]  # row 0 of B(0.7) for n = 4
+
+
+def openrlhf_argv(tiny, objectives_file):
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--objectives", str(objectives_file)]
+    argv += ["--ds.attn_implementation", "eager", "--algo.advantage.estimator", "reinforce"]
+    argv += ["--rollout.micro_batch_size", "2", "--rollout.batch_size", "4", "--algo.kl.init_coef", "0"]
+    return argv + ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
 
 
 @pytest.fixture(scope="module")
-def launch(tiny):
-    """OpenRLHF's parsed args after our step, and a Ray cluster with the launcher's runtime_env."""
-    argv = ["--actor.model_name_or_path", str(tiny["policy"])]
-    argv += ["--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}"]
-    argv += ["--ds.attn_implementation", "eager", "--algo.advantage.estimator", "reinforce"]
-    argv += ["--rollout.micro_batch_size", "2", "--rollout.batch_size", "4", "--algo.kl.init_coef", "0"]
-    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
-    plan, args = launcher.resolve(argv)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=plan["runtime_env"])
-    try:
-        yield args
-    finally:
-        ray.shutdown()
+def cluster(tiny, tmp_path_factory):
+    """A serve_rm endpoint, both launches resolved by the launcher, and a Ray cluster with its runtime_env."""
+    folder = tmp_path_factory.mktemp("objectives")
+    (folder / "rules.py").write_text(RULES)
+    with rollouts.serve_rm(tiny["rm_gpt2"]) as (url,):
+        remote = {"name": "remote", "url": url, "normalize": {"mean": 0.5, "std": 2.0}}
+        format_ = {"name": "format", "path": "rules.py", "normalize": "running"}
+        models = [
+            {"name": "helpful", "path": str(tiny["rm_llama"])},
+            {"name": "polite", "path": str(tiny["classifier"]), "label": 1, "normalize": "running"},
+        ]
+        (folder / "mixed.yaml").write_text(json.dumps(models + [remote, format_]))
+        (folder / "no_model.yaml").write_text(json.dumps([remote, format_]))
+        mixed_plan, mixed = launcher.resolve(openrlhf_argv(tiny, folder / "mixed.yaml"))
+        argv = openrlhf_argv(tiny, folder / "no_model.yaml")
+        argv[argv.index("0.7") - 1 :] = ["--reward_combiner", "linear", "--reward_weights", "0.6,0.4"]
+        _, no_model = launcher.resolve(argv)
+        for module in (sys.modules[__name__], rollouts):  # tests/ is not on the workers' path
+            ray.cloudpickle.register_pickle_by_value(module)
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env=mixed_plan["runtime_env"])
+        try:
+            yield {"url": url, "mixed": mixed, "no_model": no_model}
+        finally:
+            ray.shutdown()
 
 
-def reference_values(tiny, sequences, attention_mask):
-    """rm_llama on the policy ids as upstream's actor calls it; rm_gpt2 on each clean text, unpadded."""
-    llama = get_llm_for_sequence_regression(str(tiny["rm_llama"]), "reward", attn_implementation="eager").eval()
-    gpt2 = get_llm_for_sequence_regression(str(tiny["rm_gpt2"]), "reward", attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(str(tiny["rm_gpt2"]))
-    with torch.no_grad():
-        first = llama(sequences, attention_mask, pad_sequence=True).float()
-        second = []
-        for prompt, response in PAIRS:
-            ids = tok(prompt + response + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
-            second.append(gpt2(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).float().item())
-    return first.numpy(), np.array(second)
+def test_the_launch_routes_every_objective_to_the_reward_actors_when_one_is_a_model(cluster, tiny):
+    mixed, no_model = cluster["mixed"], cluster["no_model"]
+    assert mixed.bonesoup["route"] == worker.ROUTE_ACTORS and mixed.reward.remote_url is None
+    assert [o["kind"] for o in mixed.bonesoup["objectives"]] == ["model", "model", "http", "function"]
+    assert mixed.reward.model_name_or_path  # upstream builds and initialises the reward group
+    assert no_model.bonesoup["route"] == worker.ROUTE_REWARD_FUNC
+    assert no_model.reward.remote_url == launcher.REWARD_FUNC_FILE
 
 
-def rollout(policy_tokenizer, prompt: str, response: str) -> Experience:
-    """One rollout as OpenRLHF's SamplesGenerator builds it (prompt + response + eos, reward unset)."""
-    prompt_ids = policy_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tokens = (
-        prompt_ids + policy_tokenizer(response, add_special_tokens=False)["input_ids"] + [policy_tokenizer.eos_token_id]
-    )
-    action_mask = torch.zeros(len(tokens), dtype=torch.long)
-    action_mask[len(prompt_ids) :] = 1
-    return Experience(
-        sequences=torch.tensor([tokens]),
-        attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
-        action_mask=action_mask[1:].unsqueeze(0),
-        prompts=[prompt],
-        labels=[None],
-        images=[None],
-        mm_train_inputs=[None],
-        response_length=torch.tensor([len(tokens) - len(prompt_ids)]),
-        truncated=torch.tensor([False]),
-        total_length=torch.tensor([float(len(tokens))]),
-        info={"response_clip_ratio": torch.tensor([False])},
-    )
-
-
-def test_every_worker_runs_the_setup_hook_and_patches_on_import(launch):
+def test_every_worker_runs_the_setup_hook_and_patches_on_import(cluster):
     @ray.remote
     def inspect():
         heavy = [m for m in ("deepspeed", "openrlhf.utils.agent", "vllm") if m in sys.modules]
@@ -111,7 +120,7 @@ def test_every_worker_runs_the_setup_hook_and_patches_on_import(launch):
         "imported_by_the_hook": [],
         "make_experience": True,
         "execute": True,
-        "objectives": ["rm_llama", "rm_gpt2"],
+        "objectives": ["helpful", "polite", "remote", "format"],
     }
     from openrlhf.trainer.ppo_utils import experience_maker
 
@@ -119,45 +128,41 @@ def test_every_worker_runs_the_setup_hook_and_patches_on_import(launch):
     assert not hasattr(experience_maker.RemoteExperienceMaker.make_experience, "bonesoup")
 
 
-def test_train_ppo_ray_builds_the_reward_group_from_our_actor(launch, tiny):
+def test_train_ppo_ray_builds_the_reward_group_from_our_actor(cluster):
     with launcher._actor_replaced():
         train_ppo_ray = runpy.run_module(launcher.UPSTREAM)  # its imports, as the launcher's runpy sees them
     assert train_ppo_ray["RewardModelActor"] is bonesoup_actor.RewardModelActor
-    # As train() builds it (RayActorGroup(..., RewardModelActor, ...)), without a GPU.
+    # Upstream's make_experience alone (no hook in the trainer) cannot hand it the labels: a clear error.
     group = RayActorGroup(1, 1, train_ppo_ray["RewardModelActor"], num_gpus_per_actor=0)
-    strategy = get_strategy(launch)
-    ray.get(group.async_run_method("load_objectives", strategy, launch.reward.model_name_or_path))
-
-    policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
-    batch = Experience.concat_experiences([rollout(policy, p, r) for p, r in PAIRS], policy.pad_token_id)
-
-    # Upstream's dispatch in RemoteExperienceMaker.make_experience: forward over lists of micro-batches.
-    def forward():
-        refs = group.async_run_method_batch(
-            method_name="forward",
-            sequences=[batch.sequences],
-            attention_mask=[batch.attention_mask],
-            pad_sequence=[True],
-        )
-        return ray.get(refs)[0][0]
-
-    combined = forward()
-    assert combined.shape == (len(PAIRS),)  # upstream's shape until the patched make_experience asks
-    assert worker._objective_columns(group) == ["rm_llama", "rm_gpt2"]
-    out = forward()
-    assert out.shape == (len(PAIRS), 3)  # [combined, rm_llama, rm_gpt2]
-    np.testing.assert_allclose(out[:, 0].numpy(), combined.numpy())
-    first, second = reference_values(tiny, batch.sequences, batch.attention_mask)
-    np.testing.assert_allclose(out[:, 1].numpy(), first, atol=1e-6)  # ids passed through, as upstream
-    np.testing.assert_allclose(out[:, 2].numpy(), second, atol=5e-3)  # bf16, batched vs one by one
-    np.testing.assert_allclose(out[:, 0].numpy(), 0.7 * out[:, 1].numpy() + 0.3 * out[:, 2].numpy(), atol=1e-6)
+    strategy = get_strategy(cluster["mixed"])
+    ray.get(group.async_run_method("load_objectives", strategy, cluster["mixed"].reward.model_name_or_path))
+    refs = group.async_run_method_batch(
+        method_name="forward", sequences=[torch.ones(1, 3, dtype=torch.long)], attention_mask=[torch.ones(1, 3)]
+    )
+    with pytest.raises(ray.exceptions.RayTaskError, match="worker hook is not active"):
+        ray.get(refs)
 
 
-def test_upstream_reward_actor_is_left_as_upstream_made_it(launch):
-    from openrlhf.trainer.ray.launcher import RewardModelActor
+@ray.remote
+class RolloutStandIn:
+    """OpenRLHF's vLLM engine actor for one purpose: run its SingleTurnAgentExecutor, built with train()'s
+    remote_rm_url, on each prompt. HF generate stands in for vLLM (no GPU here)."""
 
-    group = RayActorGroup(1, 1, RewardModelActor, num_gpus_per_actor=0)
-    assert worker._objective_columns(group) == []  # no per-objective columns asked of upstream's actor
+    def __init__(self, policy_path: str, remote_rm_url):
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+        self.engine = rollouts.HFEngine(policy_path)
+        self.executor = SingleTurnAgentExecutor(remote_rm_url)
+
+    def generate(self, prompt: str, label) -> dict:
+        return rollouts.execute(self.executor, self.engine, prompt, label)
+
+    def models_loaded(self) -> list[str]:
+        from transformers import PreTrainedModel
+
+        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+        inner = {id(m) for o in models for m in o.modules() if m is not o}  # LlamaModel inside LlamaForCausalLM
+        return sorted(type(o).__name__ for o in models if id(o) not in inner)
 
 
 @ray.remote(num_gpus=0)
@@ -174,46 +179,120 @@ class CpuPolicyActor(BaseModelActor):
             return self.model(sequences, action_mask, attention_mask).to("cpu")
 
 
-def test_make_experience_in_a_hooked_worker_logs_every_objective(launch, tiny):
-    strategy = get_strategy(launch)
-    policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
-    samples = [rollout(policy, p, r) for p, r in PAIRS]
+@ray.remote
+def make_experiences(strategy, steps: list[list[Experience]], reward_actors: int) -> list[list[Experience]]:
+    """The PPO trainer's role, in a hooked worker: upstream's RemoteExperienceMaker, one call per step."""
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
 
-    @ray.remote
-    def make_experience(strategy, samples):
-        # What PPOTrainer does in its own worker process, with upstream's RemoteExperienceMaker.
-        from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
-        from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
-
-        rewards = RayActorGroup(1, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
+    rewards = None
+    if reward_actors:  # as train() builds it when --reward.remote_url is not set
+        rewards = RayActorGroup(reward_actors, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
         ray.get(rewards.async_run_method("load_objectives", strategy, strategy.args.reward.model_name_or_path))
-        policy_group = RayActorGroup(1, 1, CpuPolicyActor, num_gpus_per_actor=0)
-        ray.get(policy_group.async_run_method("init", strategy, strategy.args.actor.model_name_or_path))
-        maker = RemoteExperienceMaker(
-            policy_group,
-            None,
-            rewards,
-            None,
-            FixedKLController(0.0),
-            strategy,
-            AutoTokenizer.from_pretrained(strategy.args.actor.model_name_or_path),
-        )
-        return maker.make_experience_batch(samples)
+    policy_group = RayActorGroup(1, 1, CpuPolicyActor, num_gpus_per_actor=0)
+    ray.get(policy_group.async_run_method("init", strategy, strategy.args.actor.model_name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(strategy.args.actor.model_name_or_path)
+    maker = RemoteExperienceMaker(policy_group, None, rewards, None, FixedKLController(0.0), strategy, tokenizer)
+    return [maker.make_experience_batch(samples) for samples in steps]
 
-    experiences = ray.get(make_experience.remote(strategy, samples))
-    assert len(experiences) == 2  # micro-batches of 2
-    for exp in experiences:
-        combined = exp.info["reward"]
-        assert exp.rewards.shape == combined.shape == exp.info["reward/rm_llama"].shape == (2,)
-        np.testing.assert_allclose(exp.rewards.numpy(), combined.numpy())
-        parts = 0.7 * exp.info["reward/rm_llama"] + 0.3 * exp.info["reward/rm_gpt2"]
-        np.testing.assert_allclose(combined.numpy(), parts.numpy(), atol=1e-6)
-        assert exp.advantages.shape == exp.action_mask.shape  # upstream computed advantages from it
-        # The policy actor's training step logs every tensor in info (trainer/ray/ppo_actor.py).
-        assert {"reward", "reward/rm_llama", "reward/rm_gpt2"} <= set(exp.info)
-    batch = Experience.concat_experiences(samples, policy.pad_token_id)
-    first, second = reference_values(tiny, batch.sequences, batch.attention_mask)
-    got = torch.cat([exp.info["reward/rm_llama"] for exp in experiences]).numpy()
-    np.testing.assert_allclose(got, first, atol=5e-3)
-    got = torch.cat([exp.info["reward/rm_gpt2"] for exp in experiences]).numpy()
-    np.testing.assert_allclose(got, second, atol=5e-3)
+
+def rollout_steps(args, tiny, env: dict | None = None):
+    """Each step's Experiences, from the stand-in engine as SamplesGenerator turns responses into them."""
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    engine = RolloutStandIn.options(**options).remote(str(tiny["policy"]), args.reward.remote_url)
+    generator = SamplesGenerator(get_strategy(args), None, None, AutoTokenizer.from_pretrained(str(tiny["policy"])), [])
+    steps = []
+    for step in STEPS:
+        responses = ray.get([engine.generate.remote(p, label) for p, label in step])
+        steps.append([generator._process_response_into_experience(r, max_len=64) for r in responses])
+    return steps, responses, ray.get(engine.models_loaded.remote())
+
+
+def queries_of(tokenizer, experiences):
+    """OpenRLHF's query per sample: the rollout ids decoded with special tokens kept."""
+    return [tokenizer.decode(e.sequences[0], skip_special_tokens=False) for e in experiences]
+
+
+def format_reward(queries: list[str], labels: list) -> list[float]:
+    """RULES, written out: the query's length, plus 5 for the label "bonus"."""
+    return [len(q) + (5.0 if label == "bonus" else 0.0) for q, label in zip(queries, labels, strict=True)]
+
+
+def by_hand(raw_steps: list[np.ndarray], how: list, weights: list[float]) -> list[np.ndarray]:
+    """Each step's rewards from its raw values (samples, n): fixed and running normalisation, running
+    statistics over every sample of this and the earlier steps, then the weighted sum."""
+    out, seen = [], []
+    for raw in raw_steps:
+        seen.append(raw)
+        history = np.concatenate(seen)
+        values = raw.copy()
+        for i, h in enumerate(how):
+            if isinstance(h, dict):
+                values[:, i] = (raw[:, i] - h["mean"]) / h["std"]
+            elif h == "running":
+                values[:, i] = (raw[:, i] - history[:, i].mean()) / history[:, i].std()
+        out.append(values @ np.asarray(weights))
+    return out
+
+
+def logged(experiences: list[Experience], key: str) -> np.ndarray:
+    return torch.cat([e.info[key] for e in experiences]).double().numpy()
+
+
+def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny):
+    args = cluster["mixed"]
+    steps, _, models = rollout_steps(args, tiny)
+    assert models == ["LlamaForCausalLM"]  # the rollout process holds its policy, never a reward model
+
+    made = ray.get(make_experiences.remote(get_strategy(args), steps, 2))
+    names = ["helpful", "polite", "remote", "format"]
+    policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
+    helpful_rm = get_llm_for_sequence_regression(str(tiny["rm_llama"]), "reward", attn_implementation="eager").eval()
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(tiny["classifier"]), dtype=torch.bfloat16)
+    classifier_tok = AutoTokenizer.from_pretrained(str(tiny["classifier"]))
+    raw_steps = []
+    for samples, experiences in zip(steps, made, strict=True):
+        assert len(experiences) == 2  # micro-batches of 2, one to each reward actor
+        # Raw values, each computed here from its definition, one sample at a time, unpadded.
+        queries = queries_of(policy, samples)
+        texts = [policy.decode(e.sequences[0], skip_special_tokens=True) for e in samples]
+        labels = [e.labels[0] for e in samples]
+        with torch.no_grad():
+            helpful = [helpful_rm(e.sequences, e.attention_mask).float().item() for e in samples]
+            polite = [classifier(**classifier_tok(t, return_tensors="pt")).logits[0, 1].float().item() for t in texts]
+        remote = rollouts.post(cluster["url"], queries)
+        got = np.stack([logged(experiences, f"reward_raw/{n}") for n in names], axis=1)
+        np.testing.assert_allclose(got[:, 0], helpful, atol=5e-3)  # bf16: batched and padded vs one by one
+        np.testing.assert_allclose(got[:, 1], polite, atol=5e-3)
+        np.testing.assert_allclose(got[:, 2], remote, atol=5e-3)
+        np.testing.assert_allclose(got[:, 3], format_reward(queries, labels))  # the labels reached the reward_func
+        raw_steps.append(got)
+    how = [o["normalize"] for o in args.bonesoup["objectives"]]
+    for experiences, want in zip(made, by_hand(raw_steps, how, WEIGHTS), strict=True):
+        np.testing.assert_allclose(logged(experiences, "reward"), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(torch.cat([e.rewards for e in experiences]).numpy(), want, rtol=1e-5, atol=1e-5)
+        for e in experiences:
+            assert e.advantages.shape == e.action_mask.shape  # upstream computed advantages from it
+            assert {f"reward/{n}" for n in names} <= set(e.info)  # logged by the policy actor's train step
+
+
+def test_reward_func_route_combines_the_raw_values_in_the_trainer(cluster, tiny):
+    args = cluster["no_model"]
+    env = {worker.CONFIG_ENV: json.dumps(args.bonesoup)}  # what this launch's runtime_env would carry
+    steps, responses, models = rollout_steps(args, tiny, env)
+    assert models == ["LlamaForCausalLM"]  # our reward_func file loaded no model in the rollout process
+    assert set(responses[0]["extra_logs"]) == {"reward_raw/remote", "reward_raw/format"}
+
+    made = ray.get(make_experiences.remote(get_strategy(args), steps, 0))
+    policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
+    raw_steps = []
+    for samples, experiences in zip(steps, made, strict=True):
+        queries = queries_of(policy, samples)
+        labels = [e.labels[0] for e in samples]
+        got = np.stack([logged(experiences, f"reward_raw/{n}") for n in ("remote", "format")], axis=1)
+        np.testing.assert_allclose(got[:, 0], rollouts.post(cluster["url"], queries), atol=5e-3)
+        np.testing.assert_allclose(got[:, 1], format_reward(queries, labels))
+        raw_steps.append(got)
+    how = [o["normalize"] for o in args.bonesoup["objectives"]]
+    for experiences, want in zip(made, by_hand(raw_steps, how, [0.6, 0.4]), strict=True):
+        np.testing.assert_allclose(logged(experiences, "reward"), want, rtol=1e-5, atol=1e-5)

@@ -75,7 +75,7 @@ def test_dotted_aliases_mean_the_same(tiny):
     assert plain == dotted
 
 
-def test_http_and_function_objectives_go_through_reward_func(tiny, tmp_path):
+def test_any_model_routes_every_objective_to_the_reward_actors(tiny, tmp_path, capsys):
     (tmp_path / "rules.py").write_text("def reward_func(queries, prompts, labels):\n    return [0.0] * len(queries)\n")
     (tmp_path / "objectives.yaml").write_text(
         f"- {{name: helpful, path: {tiny['rm_llama']}, normalize: running}}\n"
@@ -83,11 +83,28 @@ def test_http_and_function_objectives_go_through_reward_func(tiny, tmp_path):
         "- {name: format, path: rules.py}\n"
     )
     argv = openrlhf_argv(tiny, "--objectives", str(tmp_path / "objectives.yaml"), "--reward_combiner", "linear")
-    plan, args = launcher.resolve(argv + ["--reward_weights", "0.5,0.25,0.25"])
+    argv += ["--reward_weights", "0.5,0.25,0.25", "--dry_run"]
+    code, out, _ = run_main(argv, capsys)
+    plan = json.loads(out)
+    assert code == 0 and plan["bonesoup"]["route"] == worker.ROUTE_ACTORS
+    assert plan["reward.remote_url"] is None  # no rollout process scores anything
+    assert plan["reward.model_name_or_path"]  # upstream builds and initialises the reward group
+    assert [o["kind"] for o in plan["bonesoup"]["objectives"]] == ["model", "http", "function"]
+    assert plan["bonesoup"]["objectives"][0]["normalize"] == "running"
+    assert plan["bonesoup"]["weights"] == [0.5, 0.25, 0.25]
+
+
+def test_endpoints_and_light_functions_alone_go_through_reward_func(tiny, tmp_path):
+    (tmp_path / "rules.py").write_text("def reward_func(queries, prompts, labels):\n    return [0.0] * len(queries)\n")
+    specs = [{"url": "http://10.0.0.9:5000/get_reward"}, {"path": str(tmp_path / "rules.py")}]
+    (tmp_path / "o.json").write_text(json.dumps(specs))
+    _, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.json"), *OURS))
+    assert args.bonesoup["route"] == worker.ROUTE_REWARD_FUNC
     assert args.reward.remote_url == launcher.REWARD_FUNC_FILE  # upstream splits it into a list later
-    assert [o["kind"] for o in args.bonesoup["objectives"]] == ["model", "http", "function"]
-    assert args.bonesoup["objectives"][0]["normalize"] == "running"
-    assert args.bonesoup["weights"] == [0.5, 0.25, 0.25]
+    # A reward_func that loads a model says so: then it runs on the reward GPUs, not beside vLLM.
+    (tmp_path / "o.json").write_text(json.dumps([specs[0], {**specs[1], "gpu": True}]))
+    _, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.json"), *OURS))
+    assert args.bonesoup["route"] == worker.ROUTE_ACTORS and args.reward.remote_url is None
 
 
 def test_an_objectives_file_of_models_feeds_upstreams_reward_group(tiny, tmp_path):
@@ -128,6 +145,9 @@ def test_dry_run_prints_the_plan(tiny, capsys):
         (["--reward_combiner", "bonesoup", "--beta", "0.7"], "needs --backbone_index"),
         (["--beta", "0.7"], "--reward_combiner is required"),
         ([*OURS, "--reward.remote_url", "http://h:1/get_reward"], "give endpoints and reward_func files as objectives"),
+        ([*OURS, "--train.agent_func_path", "agent.py"], "--train.agent_func_path replaces the reward"),
+        ([*OURS, "--algo.dynamic_filtering_enable"], "--algo.dynamic_filtering_enable filters"),
+        ([*OURS, "--eval.dataset", "e.jsonl"], "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only"),
         ([*OURS, "--objectives", "x.yaml"], "give the objectives once"),
         (["--reward_combiner", "linear", "--reward_weights", "0.5,0.5", "--soup_dir", "s"], "needs --reward_combiner"),
         ([*OURS, "--merge_output", "m"], "--merge_output needs"),
@@ -143,6 +163,16 @@ def test_bad_launches_are_one_line_errors_before_anything_runs(tiny, tmp_path, m
     code, out, err = run_main(argv, capsys)
     assert code == 2 and match in err and "\n" not in err
     assert not (tmp_path / "s").exists()  # no manifest written
+
+
+def test_evaluation_with_running_statistics_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o.yaml").write_text(
+        "- {url: 'http://10.0.0.9:5000/get_reward', normalize: running}\n- {url: 'http://10.0.0.9:5001/get_reward'}\n"
+    )
+    argv = openrlhf_argv(tiny, "--objectives", "o.yaml", *OURS, "--eval.dataset", "e.jsonl")
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "never see the trainer's running statistics" in err and "\n" not in err
 
 
 def test_an_unknown_flag_is_openrlhfs_own_parser_error(tiny, capsys):

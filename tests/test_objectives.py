@@ -14,9 +14,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from rollouts import reference_rm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from openrlhf_bonesoup import objectives
+from openrlhf_bonesoup import objectives, scoring
 from openrlhf_bonesoup.cli import main as cli_main
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
@@ -49,18 +50,6 @@ def loaded(tiny):
     for o in objs:
         o.model.float()
     return policy, objs
-
-
-def reference_rm(path, text: str) -> float:
-    """One RM, one sample, no padding: OpenRLHF's loader and RewardDataset's formatting, written out."""
-    from openrlhf.models import get_llm_for_sequence_regression
-
-    model = get_llm_for_sequence_regression(str(path), "reward", attn_implementation="eager").float().eval()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    ids = tok(text.rstrip("\n") + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
-    ids[-1] = tok.eos_token_id
-    with torch.no_grad():
-        return model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
 
 
 def policy_batch(policy, texts):
@@ -149,48 +138,13 @@ def test_missing_file_and_empty_spec(tmp_path):
         objectives.parse_objectives("rmA,,rmB")  # a stray comma
 
 
-# --- combiners -----------------------------------------------------------------------------------
-
-
-def test_combiner_weights():
-    np.testing.assert_allclose(objectives.combiner_weights("bonesoup", 2, beta=0.7, backbone_index=0), [0.7, 0.3])
-    np.testing.assert_allclose(objectives.combiner_weights("bonesoup", 2, beta=0.7, backbone_index=1), [0.3, 0.7])
-    np.testing.assert_allclose(
-        objectives.combiner_weights("bonesoup", 3, beta=0.6, backbone_index=1), [0.2, 0.6, 0.2], atol=1e-12
-    )
-    np.testing.assert_allclose(
-        objectives.combiner_weights("linear", 3, reward_weights=[0.5, 0.25, 0.25]), [0.5, 0.25, 0.25]
-    )
-    np.testing.assert_allclose(objectives.combiner_weights("single", 3, objective=2), [0, 0, 1])
-
-
-@pytest.mark.parametrize(
-    "combiner, kwargs, match",
-    [
-        ("bonesoup", {"beta": 0.7}, "needs --backbone_index"),
-        ("bonesoup", {"backbone_index": 0}, "needs --beta"),
-        ("bonesoup", {"beta": 0.7, "backbone_index": 2}, "0..1"),
-        ("bonesoup", {"beta": 0.4, "backbone_index": 0}, "beta must lie"),
-        ("bonesoup", {"beta": 0.7, "backbone_index": 0, "objective": 1}, "does not apply"),
-        ("linear", {"reward_weights": [0.5, 0.6]}, "sum to 1"),
-        ("linear", {"reward_weights": [1.0]}, "2 objectives"),
-        ("single", {"objective": 5}, "0..1"),
-        ("mean", {}, "unknown reward combiner"),
-    ],
-)
-def test_combiner_errors(combiner, kwargs, match):
-    with pytest.raises(BoneSoupError, match=match) as e:
-        objectives.combiner_weights(combiner, 2, **kwargs)
-    one_line(e)
-
-
 # --- models, bridging ----------------------------------------------------------------------------
 
 
 def test_openrlhf_rms_with_different_tokenizers_score_text(tiny, loaded):
     _, objs = loaded
     assert [o.head for o in objs] == ["openrlhf", "openrlhf"]
-    got = objectives.score_texts(objs, PROMPTS, RESPONSES)
+    got = scoring.score_texts(objs, PROMPTS, RESPONSES)
     want = [[reference_rm(tiny["rm_llama"], t), reference_rm(tiny["rm_gpt2"], t)] for t in TEXTS]
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -203,9 +157,9 @@ def test_ids_pass_through_without_decode_when_the_tokenizer_matches(tiny, loaded
     upstream_decode = policy.batch_decode
     policy.batch_decode = lambda *a, **k: decodes.append(a) or upstream_decode(*a, **k)
     try:
-        shared = objectives.raw_scores(objs[:1], policy_ids=(ids, mask), policy_tokenizer=policy, pad_sequence=True)
+        shared = scoring.raw_scores(objs[:1], policy_ids=(ids, mask), policy_tokenizer=policy, pad_sequence=True)
         assert decodes == []  # rm_llama shares the policy tokenizer: its ids, no decode
-        both = objectives.raw_scores(objs, policy_ids=(ids, mask), policy_tokenizer=policy, pad_sequence=True)
+        both = scoring.raw_scores(objs, policy_ids=(ids, mask), policy_tokenizer=policy, pad_sequence=True)
         assert len(decodes) == 1  # rm_gpt2 needs text: decoded once for the batch
     finally:
         del policy.batch_decode
@@ -222,7 +176,7 @@ def test_policy_texts_drop_padding_and_special_tokens(loaded):
     ids, mask = policy_batch(policy, TEXTS)
     ids = torch.cat([torch.full((len(TEXTS), 1), policy.bos_token_id), ids], dim=1)  # a leading bos
     mask = torch.cat([torch.ones(len(TEXTS), 1, dtype=torch.long), mask], dim=1)
-    assert objectives.policy_texts(policy, ids, mask) == TEXTS
+    assert scoring.policy_texts(policy, ids, mask) == TEXTS
 
 
 def test_hf_classifier_logit_and_probability(tiny):
@@ -240,7 +194,7 @@ def test_hf_classifier_logit_and_probability(tiny):
     tok = AutoTokenizer.from_pretrained(str(tiny["classifier"]))
     with torch.no_grad():
         logits = [model(**tok(t, return_tensors="pt")).logits[0] for t in TEXTS]
-    got = objectives.score_texts(objs, PROMPTS, RESPONSES)
+    got = scoring.score_texts(objs, PROMPTS, RESPONSES)
     np.testing.assert_allclose(got[:, 0], [lg[1].item() for lg in logits], atol=1e-5)
     np.testing.assert_allclose(got[:, 1], [lg.softmax(-1)[0].item() for lg in logits], atol=1e-6)
 
@@ -251,13 +205,130 @@ def test_classifier_with_several_labels_needs_a_choice(tiny):
     one_line(e)
 
 
+MARKED_CONFIG = """
+import os
+from transformers import GPT2Config
+
+open(os.environ["BONESOUP_TEST_MARKER"], "a").write("ran\\n")  # the checkpoint's own code was executed
+
+
+class MarkedConfig(GPT2Config):
+    model_type = "gpt2"
+"""
+MARKED_MODEL = """
+from transformers import GPT2ForSequenceClassification
+
+from .configuration_marked import MarkedConfig
+
+
+class MarkedForSequenceClassification(GPT2ForSequenceClassification):
+    config_class = MarkedConfig
+"""
+
+
+def test_remote_code_runs_only_when_the_objective_opts_in(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "custom_classifier"
+    shutil.copytree(tiny["classifier"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_marked.MarkedConfig",
+        "AutoModelForSequenceClassification": "modeling_marked.MarkedForSequenceClassification",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_marked.py").write_text(MARKED_CONFIG)
+    (folder / "modeling_marked.py").write_text(MARKED_MODEL)
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("BONESOUP_TEST_MARKER", str(marker))
+    with pytest.raises(BoneSoupError, match="trust_remote_code: true") as e:
+        objectives.load_objectives([{"path": str(folder), "label": 1}])
+    one_line(e)
+    assert not marker.exists()  # refused before anything of the checkpoint's code ran
+    objs = objectives.load_objectives([{"path": str(folder), "label": 1, "trust_remote_code": True}])
+    assert marker.read_text().startswith("ran") and objs[0].head == "classifier"
+
+
+def test_a_causal_lm_is_not_taken_for_a_reward_model(tiny):
+    with pytest.raises(BoneSoupError, match="no value head `score.weight`") as e:
+        objectives.load_objectives(str(tiny["policy"]))
+    one_line(e)
+
+
+@pytest.mark.parametrize("path", ["./no_such_rm", "/no/such/rm", "~/no_such_rm"])
+def test_a_local_looking_typo_is_never_looked_up_on_a_hub(path):
+    with pytest.raises(BoneSoupError, match="does not exist") as e:
+        objectives.load_objectives(path)
+    one_line(e)
+
+
+def test_a_typo_under_an_existing_folder_is_a_local_typo(tmp_path, monkeypatch):
+    (tmp_path / "ckpts").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BoneSoupError, match="ckpts/rm_typo does not exist"):
+        objectives.load_objectives("ckpts/rm_typo")
+
+
+# --- endpoints: a bounded failure -------------------------------------------------------------------
+
+
+def silent_server():
+    """A socket that accepts connections (the kernel's backlog) but never answers."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    return server, f"http://127.0.0.1:{server.getsockname()[1]}/get_reward"
+
+
+def closed_port_url():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/get_reward"  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("where", ["closed port", "never answers"])
+def test_a_dead_endpoint_fails_within_its_deadline(where):
+    import time
+
+    server, url = silent_server() if where == "never answers" else (None, closed_port_url())
+    try:
+        objs = objectives.load_objectives([{"name": "dead", "url": url, "retries": 10, "deadline": 2}])
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="dead: .* gave no reward within 2 s") as e:
+            scoring.score_texts(objs, PROMPTS[:1], RESPONSES[:1])
+        elapsed = time.monotonic() - start
+    finally:
+        if server is not None:
+            server.close()
+    assert "\n" not in str(e.value)
+    # Without the deadline: 11 attempts of up to 60 s each, plus backoff, for the silent server.
+    assert elapsed < 3.5, elapsed
+    if where == "never answers":
+        assert elapsed > 1.5  # it really waited for the endpoint, up to the deadline
+
+
+def test_default_deadline_is_three_minutes_and_retries_are_capped():
+    assert scoring.DEFAULT_DEADLINE <= 180
+    spec = objectives.parse_objectives([{"url": "http://h:1/get_reward"}])[0]
+    assert "deadline" not in spec  # the default applies
+    with pytest.raises(BoneSoupError, match="retries must be at most 10"):
+        objectives.parse_objectives([{"url": "http://h:1/get_reward", "retries": 11}])
+    with pytest.raises(BoneSoupError, match="deadline must be a number of seconds > 0"):
+        objectives.parse_objectives([{"url": "http://h:1/get_reward", "deadline": 0}])
+
+
 # --- functions, normalisation --------------------------------------------------------------------
 
 
 def test_function_objective_gets_queries_prompts_labels(tmp_path):
     (tmp_path / "rules.py").write_text(RULES)
     objs = objectives.load_objectives(str(tmp_path / "rules.py"))
-    got = objectives.score_texts(objs, PROMPTS, RESPONSES, labels=["bonus", None, "x"])
+    got = scoring.score_texts(objs, PROMPTS, RESPONSES, labels=["bonus", None, "x"])
     np.testing.assert_allclose(got[:, 0], [len(TEXTS[0]) + 100, len(TEXTS[1]), len(TEXTS[2])])
 
 
@@ -269,29 +340,8 @@ def test_function_objectives_run_in_the_callers_thread(tmp_path):
     (tmp_path / "a.py").write_text(code)
     (tmp_path / "b.py").write_text(code)
     objs = objectives.load_objectives(f"{tmp_path / 'a.py'},{tmp_path / 'b.py'}")
-    got = objectives.score_texts(objs, PROMPTS, RESPONSES)
+    got = scoring.score_texts(objs, PROMPTS, RESPONSES)
     assert (got == float(threading.get_ident())).all()
-
-
-def test_fixed_and_running_normalisation(tmp_path):
-    (tmp_path / "rules.py").write_text(RULES)
-    path = str(tmp_path / "rules.py")
-    objs = objectives.load_objectives(
-        [
-            {"name": "raw", "path": path},
-            {"name": "fixed", "path": path, "normalize": {"mean": 10, "std": 4}},
-            {"name": "running", "path": path, "normalize": "running"},
-        ]
-    )
-    first = ["aa", "bbbb", "c"]
-    second = ["dddddd", "eee"]
-    objectives.score_texts(objs, first, [""] * 3)
-    got = objectives.score_texts(objs, second, [""] * 2)
-    lengths = np.array([6.0, 3.0])
-    np.testing.assert_allclose(got[:, 0], lengths)
-    np.testing.assert_allclose(got[:, 1], (lengths - 10) / 4)
-    seen = np.array([2.0, 4.0, 1.0, 6.0, 3.0])  # running statistics over everything scored so far
-    np.testing.assert_allclose(got[:, 2], (lengths - seen.mean()) / seen.std())
 
 
 # --- the score sub-command -----------------------------------------------------------------------

@@ -1,15 +1,14 @@
-"""RewardModelActor for a composite reward: OpenRLHF 0.11.2's RewardModelActor holding all n objectives.
+"""RewardModelActor for a composite reward: OpenRLHF 0.11.2's RewardModelActor scoring all n objectives.
 
 Mirrors upstream (openrlhf/trainer/ray/launcher.py, class RewardModelActor) line for line where it can:
 the same Ray resources, the same DeepSpeed set-up and `strategy.prepare` per model, the same loader
-arguments, the same `forward` signature. What differs:
-- `load_objectives` loads n objectives (the launcher's `args.bonesoup` config) instead of one model,
-  plus the policy tokenizer for tokenizer bridging. It is everything but DeepSpeed's set-up, so it
+arguments, the same `forward` signature plus the batch's `prompts` and `labels`. What differs:
+- `load_objectives` loads the n objectives of the launcher's `args.bonesoup` config instead of one
+  model, plus the policy tokenizer for tokenizer bridging: models on this actor's GPU, reward_func
+  files imported here, endpoints called from here. It is everything but DeepSpeed's set-up, so it
   runs on CPU in a plain Ray actor (the tests do that); `init_model_from_pretrained` is upstream's.
-- `forward` returns the combined reward sum_i w_i r_i per sample, as upstream returns its one RM's
-  reward. Once the worker hook's make_experience patch has called `objective_columns` (every
-  launch), it returns [combined, r_1..r_n]; that patch splits them into the reward and
-  per-objective metrics. Never asked, it stays upstream-shaped.
+- `forward` returns the raw per-objective values (B, n), not a reward: the trainer-side patch of
+  make_experience (worker.py) hands it the prompts and labels and combines once per step.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from openrlhf.trainer.ray.launcher import BaseModelActor
 from openrlhf.utils import get_tokenizer
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 
-from openrlhf_bonesoup import objectives
+from openrlhf_bonesoup import objectives, scoring
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
 
@@ -32,6 +31,8 @@ class RewardModelActor(BaseModelActor):
         self._setup_distributed(strategy)
         self.load_objectives(strategy, pretrain)
         for objective in self.objectives:
+            if objective.kind != "model":
+                continue
             strategy.print(objective.model)
             if strategy.args.reward.offload:
                 objective.model._offload = True
@@ -64,20 +65,9 @@ class RewardModelActor(BaseModelActor):
                 packing_samples=args.ds.packing_samples,
             ),
         )
-        remote = [o.name for o in self.objectives if o.kind != "model"]
-        if remote:
-            raise BoneSoupError(f"objectives {remote} are not models: the launcher scores them via --reward.remote_url")
-        self.weights = torch.tensor(config["weights"], dtype=torch.float32)
-        self.columns = False
-        strategy.print(
-            f"Bone Soup reward: weights {config['weights']} over objectives {[o.name for o in self.objectives]}"
-        )
+        self.needs_queries = any(o.kind != "model" for o in self.objectives)
+        strategy.print(f"Bone Soup reward: objectives {[o.name for o in self.objectives]} scored here")
         strategy.print(f"reward normalization status: {args.reward.normalize_enable}")
-
-    def objective_columns(self) -> list[str]:
-        """From now on forward returns [combined, r_1..r_n]; the names of r_1..r_n."""
-        self.columns = True
-        return [o.name for o in self.objectives]
 
     def forward(
         self,
@@ -85,20 +75,30 @@ class RewardModelActor(BaseModelActor):
         attention_mask: Optional[torch.Tensor] = None,  # noqa: UP045 (upstream's line, kept for diffing)
         packed_seq_lens=None,
         pad_sequence=False,
+        prompts=None,
+        labels=None,
     ) -> torch.Tensor:
+        if prompts is None:
+            raise BoneSoupError(
+                "the reward actor got no prompts: the Bone Soup worker hook is not active in the trainer process "
+                "(start training with python -m openrlhf_bonesoup.cli.train_ppo_ray)"
+            )
         # Upstream: torch.cuda.current_device(). The CPU fallback lets tests run this actor without a GPU.
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        sequences, attention_mask = sequences.to(device), attention_mask.to(device)
+        queries = None
+        if self.needs_queries:  # endpoints and reward_func files read OpenRLHF's query: special tokens kept
+            queries = scoring.policy_texts(self.tokenizer, sequences, attention_mask, keep_special=True)
         with torch.no_grad():
-            raw = objectives.raw_scores(
+            raw = scoring.raw_scores(
                 self.objectives,
-                policy_ids=(sequences.to(device), attention_mask.to(device)),
+                policy_ids=(sequences, attention_mask),
                 policy_tokenizer=self.tokenizer,
+                queries=queries,
+                prompts=prompts,
+                labels=labels,
                 ring_attn_group=self.strategy.ring_attn_group,
                 pad_sequence=True,
                 packed_seq_lens=packed_seq_lens,
             )
-        values = torch.from_numpy(objectives.normalize(self.objectives, raw)).float()
-        reward = values @ self.weights
-        if self.columns:
-            return torch.cat([reward[:, None], values], dim=1)
-        return reward.to("cpu")
+        return torch.from_numpy(raw).float()

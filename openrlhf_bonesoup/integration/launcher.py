@@ -6,8 +6,9 @@
 Ray placement, vLLM rollouts and trainer run as they are. Two seams, both in this process:
 
 - `openrlhf.utils.config.hierarchize`: upstream's main imports it at call time, right after parsing.
-  Our wrapper sees OpenRLHF's parsed args first: it resolves the objectives and the combiner, routes
-  the reward (all models: our RewardModelActor; any HTTP/function objective: our reward_func file as
+  Our wrapper sees OpenRLHF's parsed args first: it refuses upstream options that would bypass the
+  composite reward, resolves the objectives and the combiner, routes the reward (any model: every
+  objective scored by our RewardModelActor group on the reward GPUs; none: our reward_func file as
   --reward.remote_url), puts the config on args.bonesoup (it travels to every actor with
   strategy.args), writes the soup manifest, and starts Ray with upstream's env_vars plus our worker
   setup hook and config (train() then skips its own ray.init).
@@ -33,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from openrlhf_bonesoup import coefficients, objectives, soup
+from openrlhf_bonesoup import coefficients, combiners, objectives, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError
 from openrlhf_bonesoup.integration import worker
 
@@ -81,7 +82,7 @@ def requested(args: argparse.Namespace) -> bool:
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    objectives.add_reward_arguments(parser)
+    combiners.add_reward_arguments(parser)
     group = parser.add_argument_group("Bone Soup soup and merge")
     group.add_argument("--soup_dir", "--soup.dir", dest="soup_dir", help="soup folder: writes/updates soup.json")
     group.add_argument(
@@ -195,28 +196,24 @@ def _check_merge_flags(ours: argparse.Namespace) -> None:
 
 
 def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
-    """Our step between OpenRLHF's parsing and its checks: resolve, route, record, start Ray."""
+    """Our step between OpenRLHF's parsing and its checks: refuse, resolve, route, record, start Ray."""
     if ours.objectives and args.reward.model_name_or_path:
         raise BoneSoupError("give the objectives once: --objectives FILE or --reward.model_name_or_path A,B")
     specs = objectives.parse_objectives(ours.objectives or args.reward.model_name_or_path or "")
-    weights = objectives.weights_from_args(ours, len(specs))
+    weights = combiners.weights_from_args(ours, len(specs))
+    route = worker.ROUTE_ACTORS if objectives.needs_reward_actors(specs) else worker.ROUTE_REWARD_FUNC
+    _refuse_bypasses(args, specs, route)
     # Checked now, not after hours of training.
     preferences = None
     if ours.merge_grid is not None or ours.merge_preferences is not None:
         preferences = coefficients.preference_sweep(len(specs), ours.merge_grid, ours.merge_preferences)
 
-    # Route: the in-cluster actor holds models; HTTP/function objectives go through reward_func.
-    remote_url = args.reward.remote_url
-    if remote_url and os.path.realpath(remote_url) != os.path.realpath(REWARD_FUNC_FILE):
-        raise BoneSoupError(
-            f"--reward.remote_url {remote_url} with a reward combiner: give endpoints and reward_func files as "
-            "objectives (--reward.model_name_or_path or --objectives); the plugin then scores them itself"
-        )
-    if remote_url or any(s["kind"] != "model" for s in specs):
-        args.reward.remote_url = REWARD_FUNC_FILE
+    if route == worker.ROUTE_ACTORS:
+        # Upstream builds and initialises the reward group when this is set and remote_url is not;
+        # our actor reads the objectives from args.bonesoup, the value only names them in logs.
+        args.reward.model_name_or_path = ",".join(s.get("path") or s["url"] for s in specs)
     else:
-        # Upstream reads this to build and initialise the reward group (as for `rmA,rmB`).
-        args.reward.model_name_or_path = ",".join(s["path"] for s in specs)
+        args.reward.remote_url = REWARD_FUNC_FILE
     # Upstream starts a GAE critic from the first reward model when none is given. With n objectives
     # that choice is arbitrary and often wrong (an HF classifier on another tokenizer), so the critic
     # starts from the policy instead, as upstream does for remote rewards; an explicit flag wins.
@@ -227,15 +224,7 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         "objectives": specs,
         "weights": weights.tolist(),
         "combiner": ours.reward_combiner,
-        "policy": args.actor.model_name_or_path,
-        # For reward_func's models: the same loader arguments as upstream's RewardModelActor.
-        "load": {
-            "normalize_reward": args.reward.normalize_enable,
-            "attn_implementation": args.ds.attn_implementation,
-            "param_dtype": args.ds.param_dtype,
-            "value_head_prefix": args.ds.value_head_prefix,
-            "use_fast": not args.data.disable_fast_tokenizer,
-        },
+        "route": route,
     }
     backbone_index = ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective
     # Absolute, so that the policy actor (another process, maybe another node) saves where the
@@ -265,6 +254,36 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         print(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {args.actor.model_name_or_path}")
     _start_ray(env)
     return args
+
+
+def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
+    """Upstream options that would replace, skip or silently miscompute the composite reward: refused
+    here, before Ray starts, instead of discovered after training."""
+    if args.train.agent_func_path:
+        raise BoneSoupError(
+            "--train.agent_func_path replaces the reward with the agent's own: it cannot train a Bone Soup backbone"
+        )
+    if args.reward.remote_url:
+        raise BoneSoupError(
+            f"--reward.remote_url {args.reward.remote_url} with a reward combiner: give endpoints and reward_func "
+            "files as objectives (--reward.model_name_or_path or --objectives); the plugin then scores them itself"
+        )
+    if args.algo.dynamic_filtering_enable:
+        raise BoneSoupError(
+            "--algo.dynamic_filtering_enable filters on the rollout workers' scores before the composite reward is "
+            "combined: not supported with a reward combiner"
+        )
+    if args.eval.dataset and route == worker.ROUTE_ACTORS:
+        raise BoneSoupError(
+            "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only, and these objectives include models "
+            "scored by the reward actors; evaluate soups with `openrlhf-bonesoup evaluate` instead"
+        )
+    running = [s["name"] for s in specs if s["normalize"] == "running"]
+    if args.eval.dataset and running:
+        raise BoneSoupError(
+            f"--eval.dataset with `normalize: running` ({', '.join(running)}): evaluation rewards are computed in "
+            "the rollout workers, which never see the trainer's running statistics; use fixed {mean, std}"
+        )
 
 
 def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index: int, output_dir: str) -> None:

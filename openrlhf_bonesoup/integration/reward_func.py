@@ -1,15 +1,16 @@
-"""OpenRLHF `reward_func` file: `--reward.remote_url <this file>` scores every objective and combines.
+"""OpenRLHF `reward_func` file: `--reward.remote_url <this file>` when no objective holds a model.
 
-OpenRLHF's rollout workers (openrlhf/utils/agent.py, SingleTurnAgentExecutor) load this file by path
-and call `reward_func(queries, prompts, labels)` from threads, one sample per call. The launcher
-selects this file itself when an objective is an HTTP endpoint or a function, and passes the
-objectives and combiner in the Ray runtime_env (integration/worker.py, CONFIG_ENV).
+The launcher selects this file only when every objective is an HTTP endpoint or a reward_func file
+without `gpu: true`: then there is no model to load, and nothing here touches a GPU. OpenRLHF's
+rollout workers (openrlhf/utils/agent.py, SingleTurnAgentExecutor) load it by path and call
+`reward_func(queries, prompts, labels)` from threads, one sample per call; the objectives come in
+the Ray runtime_env (integration/worker.py, CONFIG_ENV).
 
-Each call scores all objectives with the same code as the in-cluster actor (objectives.raw_scores;
-HTTP endpoints concurrently, each retried a bounded number of times), combines them and returns
-OpenRLHF's dict with the per-objective values in `extra_logs` (logged as `reward/<name>`). A failure
-is logged at ERROR and raised; upstream would only log it, so the worker hook turns the missing
-reward into an error.
+It returns the raw per-objective values in `extra_logs` (`reward_raw/<name>`): the trainer-side
+make_experience patch normalises and combines them once per step for training. `rewards` is the
+combination without running statistics (a rollout process never sees the others' samples); only
+OpenRLHF's evaluation reads it, and the launcher refuses evaluation with running normalisation.
+A failure is logged at ERROR and raised; the worker hook turns upstream's missing reward into an error.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 
 import torch
 
-from openrlhf_bonesoup import objectives
+from openrlhf_bonesoup import combiners, objectives, scoring
 from openrlhf_bonesoup.integration import worker
 
 logger = logging.getLogger(__name__)
@@ -32,45 +33,25 @@ def _load() -> dict:
     with _lock:
         if not _state:
             config = worker.config()
-            load = config.get("load", {})
             specs = objectives.parse_objectives(config["objectives"])
-            policy = None
-            if any(s["kind"] == "model" for s in specs):
-                from openrlhf.utils import get_tokenizer
-
-                policy = get_tokenizer(config["policy"], None, "left", None, use_fast=load.get("use_fast", True))
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            model_kwargs = {k: v for k, v in load.items() if k != "use_fast"}
-            _state.update(
-                objectives=objectives.load_objectives(
-                    specs, policy_tokenizer=policy, device=device, model_kwargs=model_kwargs
-                ),
-                weights=torch.tensor(config["weights"], dtype=torch.float64),
-                policy=policy,
-            )
+            if objectives.needs_reward_actors(specs):
+                raise RuntimeError("objectives with models are scored by the reward actors, never in a rollout process")
+            combination = combiners.Combination(specs, config["weights"])
+            _state.update(objectives=objectives.load_objectives(specs), combination=combination)
         return _state
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list) -> dict:
     state = _load()
-    objs, policy = state["objectives"], state["policy"]
     try:
-        policy_ids = None
-        if policy is not None:
-            # The query is upstream's decode of the rollout ids, special tokens kept; re-encoding it
-            # gives those ids back (what openrlhf.cli.serve_rm does with a query).
-            batch = policy(list(queries), add_special_tokens=False, padding=True, return_tensors="pt")
-            policy_ids = (batch["input_ids"], batch["attention_mask"])
-        raw = objectives.raw_scores(
-            objs, policy_ids=policy_ids, policy_tokenizer=policy, queries=queries, prompts=prompts, labels=labels
-        )
+        raw = scoring.raw_scores(state["objectives"], queries=queries, prompts=prompts, labels=labels)
     except Exception as e:
         logger.error("Bone Soup reward_func failed: %r", e)
         raise
-    values = torch.from_numpy(objectives.normalize(objs, raw))
-    reward = (values @ state["weights"]).float()
+    reward, _ = state["combination"](raw, update=False)
+    reward = torch.from_numpy(reward).float()
     return {
         "rewards": reward,
         "scores": reward,
-        "extra_logs": {f"reward/{o.name}": values[:, i].float() for i, o in enumerate(objs)},
+        "extra_logs": {f"reward_raw/{o.name}": float(raw[0, i]) for i, o in enumerate(state["objectives"])},
     }

@@ -5,13 +5,12 @@ imports nothing heavy: OpenRLHF keeps deepspeed out of its vLLM processes on pur
 (openrlhf/trainer/ray/__init__.py), so each patch is applied only when OpenRLHF itself imports the
 module it patches (a one-shot import finder), in exactly the processes that use it:
 
-- `RemoteExperienceMaker.make_experience` (the PPOTrainer process): once, it asks the reward group
-  for per-objective columns (only our RewardModelActor has `objective_columns`; upstream's raises
-  AttributeError and nothing changes). Our actor then returns [combined, r_1..r_n] per sample; the
-  patch keeps the combined reward as `rewards`/`info["reward"]` (what upstream set) and puts each
-  objective into `info["reward/<name>"]`. Every tensor in `experience.info` is logged by the policy
-  actor's training step (wandb / tensorboard). Without the patch the actor is never asked, returns
-  the combined reward alone, and training is unchanged: only the per-objective metrics are missing.
+- `RemoteExperienceMaker.make_experience` (the PPO trainer process): the one place where the reward
+  is combined. Reward-actor route: the reward group's forward also gets each micro-batch's prompts
+  and labels (upstream's own dispatch, colocation syncs and empty_cache unchanged) and returns raw
+  per-objective values. reward_func route: the raw values arrive in `info["reward_raw/<name>"]`.
+  Either way one Combination (combiners.py) per trainer process normalises all samples of the step
+  and sets `rewards`, `info["reward"]` and `info["reward/<name>"]`, which the policy actor logs.
 - `SingleTurnAgentExecutor.execute` (the vLLM rollout processes): upstream catches and only logs
   every exception of a remote reward / `reward_func`, leaving the reward None. The patch turns a
   missing reward into an error, so a failing endpoint stops training instead of vanishing.
@@ -29,6 +28,8 @@ from types import ModuleType
 
 CONFIG_ENV = "OPENRLHF_BONESOUP_CONFIG"  # JSON set by the launcher in the Ray runtime_env
 HOOK = "openrlhf_bonesoup.integration.worker.setup"
+ROUTE_ACTORS = "reward_actors"  # every objective scored in our RewardModelActor group
+ROUTE_REWARD_FUNC = "reward_func"  # no model: HTTP/function objectives via --reward.remote_url reward_func.py
 
 
 def setup() -> None:
@@ -38,7 +39,7 @@ def setup() -> None:
 
 
 def config() -> dict:
-    """The launch's config: {"objectives": [specs], "weights": [...], "policy": path, "load": {...}}."""
+    """The launch's config: {"objectives": [specs], "weights": [...], "route": ..., ...} (launcher.prepare)."""
     if CONFIG_ENV not in os.environ:
         raise RuntimeError(
             f"{CONFIG_ENV} is not set: start training with `python -m openrlhf_bonesoup.cli.train_ppo_ray`, "
@@ -85,34 +86,53 @@ def _patch_experience_maker(module: ModuleType) -> None:
     upstream = cls.make_experience
 
     def make_experience(self, samples_list):
-        if not hasattr(self, "bonesoup_objectives"):
-            self.bonesoup_objectives = _objective_columns(self.reward_model_group)
-        samples_list = upstream(self, samples_list)
-        if not self.bonesoup_objectives:
-            return samples_list
-        for samples in samples_list:
-            rewards = samples.rewards  # [combined, r_1..r_n] per sample, as our actor was asked to return
-            samples.rewards = rewards[:, 0]
-            samples.info["reward"] = rewards[:, 0]
-            for i, name in enumerate(self.bonesoup_objectives):
-                samples.info[f"reward/{name}"] = rewards[:, 1 + i]
+        config = getattr(self.args, "bonesoup", None)
+        if config is None:  # not a Bone Soup launch: upstream's behaviour
+            return upstream(self, samples_list)
+        import torch
+
+        from openrlhf_bonesoup.combiners import Combination
+
+        if not hasattr(self, "bonesoup_combination"):
+            self.bonesoup_combination = Combination(config["objectives"], config["weights"])
+        names = self.bonesoup_combination.names
+        if config["route"] == ROUTE_ACTORS:
+            samples_list = _with_prompts_and_labels(self, upstream, samples_list)
+            raw = [s.rewards.reshape(len(s.sequences), len(names)) for s in samples_list]
+        else:
+            samples_list = upstream(self, samples_list)
+            raw = [torch.stack([s.info[f"reward_raw/{n}"] for n in names], dim=1) for s in samples_list]
+        reward, values = self.bonesoup_combination(torch.cat(raw).double().numpy())
+        start = 0
+        for samples, raw_s in zip(samples_list, raw, strict=True):
+            end = start + len(raw_s)
+            samples.rewards = torch.from_numpy(reward[start:end]).float()
+            samples.info["reward"] = samples.rewards
+            for i, name in enumerate(names):
+                samples.info[f"reward/{name}"] = torch.from_numpy(values[start:end, i]).float()
+                samples.info[f"reward_raw/{name}"] = raw_s[:, i].float()
+            start = end
         return samples_list
 
     make_experience.bonesoup = True
     cls.make_experience = make_experience
 
 
-def _objective_columns(reward_model_group) -> list[str]:
-    """Switch our reward actors to [combined, r_1..r_n]; their objective names, or [] for upstream's."""
-    if reward_model_group is None:
-        return []
-    import ray
+def _with_prompts_and_labels(maker, upstream, samples_list):
+    """Upstream's make_experience, its reward-group dispatch given each micro-batch's prompts and labels."""
+    dispatch = maker._dispatch_forward
+    extra = {"prompts": [s.prompts for s in samples_list], "labels": [s.labels for s in samples_list]}
 
+    def with_texts(group, sync_condition, **kwargs):
+        if group is maker.reward_model_group:
+            kwargs.update(extra)
+        return dispatch(group, sync_condition, **kwargs)
+
+    maker._dispatch_forward = with_texts  # an instance attribute, removed below: the class is untouched
     try:
-        refs = reward_model_group.async_run_method("objective_columns")
-    except AttributeError:  # upstream's RewardModelActor (a Ray actor handle has no such method)
-        return []
-    return ray.get(refs)[0]
+        return upstream(maker, samples_list)
+    finally:
+        del maker._dispatch_forward
 
 
 def _patch_agent(module: ModuleType) -> None:

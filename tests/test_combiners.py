@@ -1,0 +1,97 @@
+"""Combiners: weight vectors of bonesoup / linear / single, and Combination's normalisation and sum.
+
+Expected values are written out by hand or computed with numpy from the definitions (mean and
+population standard deviation of everything seen so far), independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from openrlhf_bonesoup import combiners
+from openrlhf_bonesoup.coefficients import BoneSoupError
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_combiner_weights():
+    np.testing.assert_allclose(combiners.combiner_weights("bonesoup", 2, beta=0.7, backbone_index=0), [0.7, 0.3])
+    np.testing.assert_allclose(combiners.combiner_weights("bonesoup", 2, beta=0.7, backbone_index=1), [0.3, 0.7])
+    np.testing.assert_allclose(
+        combiners.combiner_weights("bonesoup", 3, beta=0.6, backbone_index=1), [0.2, 0.6, 0.2], atol=1e-12
+    )
+    np.testing.assert_allclose(
+        combiners.combiner_weights("linear", 3, reward_weights=[0.5, 0.25, 0.25]), [0.5, 0.25, 0.25]
+    )
+    np.testing.assert_allclose(combiners.combiner_weights("single", 3, objective=2), [0, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "combiner, kwargs, match",
+    [
+        ("bonesoup", {"beta": 0.7}, "needs --backbone_index"),
+        ("bonesoup", {"backbone_index": 0}, "needs --beta"),
+        ("bonesoup", {"beta": 0.7, "backbone_index": 2}, "0..1"),
+        ("bonesoup", {"beta": 0.4, "backbone_index": 0}, "beta must lie"),
+        ("bonesoup", {"beta": 0.7, "backbone_index": 0, "objective": 1}, "does not apply"),
+        ("linear", {"reward_weights": [0.5, 0.6]}, "sum to 1"),
+        ("linear", {"reward_weights": [1.0]}, "2 objectives"),
+        ("single", {"objective": 5}, "0..1"),
+        ("mean", {}, "unknown reward combiner"),
+    ],
+)
+def test_combiner_errors(combiner, kwargs, match):
+    with pytest.raises(BoneSoupError, match=match) as e:
+        combiners.combiner_weights(combiner, 2, **kwargs)
+    one_line(e)
+
+
+def specs(*how):
+    return [{"name": f"o{i}", "normalize": h} for i, h in enumerate(how)]
+
+
+def test_fixed_and_running_normalisation_and_the_weighted_sum():
+    combination = combiners.Combination(specs("none", {"mean": 10, "std": 4}, "running"), [0.5, 0.3, 0.2])
+    first = np.array([2.0, 4.0, 1.0])
+    second = np.array([6.0, 3.0])
+    combination(np.repeat(first[:, None], 3, axis=1))
+    reward, values = combination(np.repeat(second[:, None], 3, axis=1))
+    np.testing.assert_allclose(values[:, 0], second)
+    np.testing.assert_allclose(values[:, 1], (second - 10) / 4)
+    seen = np.concatenate([first, second])  # running: everything seen so far, this batch included
+    np.testing.assert_allclose(values[:, 2], (second - seen.mean()) / seen.std())
+    np.testing.assert_allclose(reward, 0.5 * values[:, 0] + 0.3 * values[:, 1] + 0.2 * values[:, 2])
+
+
+def test_running_statistics_do_not_depend_on_how_samples_are_split():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(3.0, 2.0, size=(12, 1))
+    whole = combiners.Combination(specs("running"), [1.0])
+    parts = combiners.Combination(specs("running"), [1.0])
+    whole(raw)
+    for chunk in np.split(raw, [1, 5, 6]):
+        parts(chunk)
+    np.testing.assert_allclose([parts.mean[0], parts.m2[0] / parts.count[0]], [raw.mean(), raw.var()], rtol=1e-12)
+    np.testing.assert_allclose([whole.mean[0], whole.m2[0] / whole.count[0]], [raw.mean(), raw.var()], rtol=1e-12)
+
+
+def test_update_false_leaves_statistics_and_starts_as_identity():
+    combination = combiners.Combination(specs("running"), [1.0])
+    reward, _ = combination(np.array([[5.0], [7.0]]), update=False)
+    np.testing.assert_allclose(reward, [5.0, 7.0])  # nothing seen yet: mean 0, std 1
+    assert combination.count[0] == 0
+    combination(np.array([[1.0], [3.0]]))
+    reward, _ = combination(np.array([[4.0]]), update=False)
+    np.testing.assert_allclose(reward, [(4.0 - 2.0) / 1.0])
+    assert combination.count[0] == 2
+
+
+def test_weights_must_match_the_objectives():
+    with pytest.raises(BoneSoupError, match="3 combiner weights for 2 objectives") as e:
+        combiners.Combination(specs("none", "none"), [0.2, 0.3, 0.5])
+    one_line(e)
