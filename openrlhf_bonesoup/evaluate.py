@@ -532,6 +532,10 @@ def select_beta(paths: Sequence[str | os.PathLike], reference: Sequence[float] |
             )
         if not same_preferences(run.get("preferences"), first.get("preferences")):
             raise BoneSoupError(f"{path} and {runs[0][0]} were evaluated at different preferences")
+    betas = [run["beta"] for _, run in runs]
+    if len(set(betas)) != len(betas):
+        twice = sorted({b for b in betas if betas.count(b) > 1})
+        raise BoneSoupError(f"select-beta compares different betas, but beta {twice[0]:g} is given twice")
     fronts = [np.asarray(run["mean"]) for _, run in runs]
     ref = np.asarray(reference, dtype=np.float64) if reference is not None else common_reference(fronts)
     table = [

@@ -184,23 +184,21 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict]:
     return records
 
 
-def score_jsonl(
+def score_records(
     objectives: Sequence[Objective],
     combination: Any,
-    input_path: str | os.PathLike,
+    records: Sequence[dict],
     output_path: str | os.PathLike,
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Score {"prompt", "response"[, "label"]} records; write each with "rewards" (per objective, as the
-    combiner sees them) and "reward" (combined by `combination`, a combiners.Combination). Returns the
-    raw values (N, n) for statistics. Written to a temporary file and renamed: no half file is left.
+    """Score {"prompt", "response"[, "label"]} records (read_jsonl); write each with "rewards" (per
+    objective, as the combiner sees them) and "reward" (combined by `combination`, a
+    combiners.Combination). Returns the raw values (N, n). Written to a temporary file and renamed:
+    no half file is left.
     """
     from tqdm import tqdm
 
-    records = read_jsonl(input_path, ("prompt", "response"))
     output_path = Path(output_path)
-    if not output_path.parent.is_dir():
-        raise BoneSoupError(f"output folder {output_path.parent} does not exist")
     raw = []
     tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
     try:

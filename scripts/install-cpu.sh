@@ -1,32 +1,53 @@
 #!/usr/bin/env bash
 # CPU install of the real OpenRLHF 0.11.2 stack plus this plugin into ./.venv. Idempotent: a second
-# run only checks what is there.
+# run only checks what is there. Quiet on success (pip's output goes to a log), loud on failure (the
+# failing step's whole log is printed).
 #
 # The recipe (measured on 2-core CPU machines, no GPU): torch is always named with its pin, so pip can
 # never resolve a multi-GB CUDA build; openrlhf goes in with --no-deps because its metadata pins
 # flash-attn (a CUDA build) and vllm; flash-attn goes in as its pure-Python package. Its CUDA
-# extension and vllm cannot exist on CPU: tests/stand_ins/ covers them, for the tests only.
+# extension and vllm cannot exist on CPU: tests/stand_ins/ covers them, for the tests only. pip's
+# resolver reports openrlhf's undeclared-but-unused requirements after each step: expected, not shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH="torch==2.13.0"
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+start=$(date +%s)
 
-[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+step() {  # step DESCRIPTION COMMAND...: run quietly; on failure print its log and stop
+    local what=$1
+    shift
+    if ! "$@" >"$LOG" 2>&1; then
+        echo "install-cpu.sh: FAILED while installing $what: $*" >&2
+        cat "$LOG" >&2
+        exit 1
+    fi
+}
 
-"${PIP[@]}" "$TORCH"
-"${PIP[@]}" --no-deps openrlhf==0.11.2
-"${PIP[@]}" "$TORCH" deepspeed==0.19.6 "ray[default]==2.55.0" transformers==5.15.0 accelerate datasets \
-    peft einops jsonlines loralib optree packaging tensorboard torchdata torchmetrics tqdm \
-    aiohttp "grpcio>=1.74.0" "huggingface-hub>=1.0.0" pylatexenc sympy "pynvml>=12.0.0" safetensors
+[ -x "$VENV/bin/python" ] || step "the virtual environment" "${PYTHON:-python3}" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+
+step "torch" "${PIP[@]}" "$TORCH"
+step "openrlhf" "${PIP[@]}" --no-deps openrlhf==0.11.2
+# nvidia-ml-py, not pynvml: the pynvml package only wraps it and makes every torch import warn.
+step "the OpenRLHF stack" "${PIP[@]}" "$TORCH" deepspeed==0.19.6 "ray[default]==2.55.0" transformers==5.15.0 \
+    accelerate datasets peft einops jsonlines loralib optree packaging tensorboard torchdata torchmetrics tqdm \
+    aiohttp "grpcio>=1.74.0" "huggingface-hub>=1.0.0" pylatexenc sympy nvidia-ml-py safetensors
+if "$VENV/bin/python" -m pip show -q pynvml >/dev/null 2>&1; then
+    step "(removing pynvml)" "$VENV/bin/python" -m pip uninstall -y pynvml
+fi
 if ! "$VENV/bin/python" -m pip show -q flash-attn >/dev/null 2>&1; then
-    FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE \
+    step "flash-attn" env FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE \
         "${PIP[@]}" --no-build-isolation flash-attn==2.8.3
 fi
 # The plugin (editable) and its test tools. --no-deps: its declared dependencies are all above, and
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
-"${PIP[@]}" --no-deps -e .
-"${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml pytest hypothesis ruff
+step "the plugin" "${PIP[@]}" --no-deps -e .
+step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml \
+    pytest hypothesis ruff
 # openrlhf.cli.serve_rm (the remote RM server the tests run) needs these; openrlhf's metadata omits them.
-"${PIP[@]}" fastapi==0.165.0 uvicorn==0.54.0
-"$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("installed:", "torch", torch.__version__, "openrlhf", m.version("openrlhf"), "transformers", transformers.__version__)'
+step "fastapi and uvicorn" "${PIP[@]}" fastapi==0.165.0 uvicorn==0.54.0
+"$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("install-cpu.sh: installed torch", torch.__version__, "openrlhf", m.version("openrlhf"), "transformers", transformers.__version__, "into '"$VENV"'")'
+echo "install-cpu.sh: done in $(($(date +%s) - start)) s"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,21 +19,47 @@ from openrlhf_bonesoup import coefficients, combiners, objectives
 from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
 
 PROG = "openrlhf-bonesoup"
+ILL_CONDITIONED = 50.0  # condition number of B above which lambda is worth a warning (B(0.7), n = 2: 2.5)
 
 
 class _Parser(argparse.ArgumentParser):
-    # argparse prints the whole usage before its error; we promise one line.
+    # argparse prints the whole usage before its error; we promise one line, under the sub-command's name.
     def error(self, message: str):  # type: ignore[override]
-        raise BoneSoupError(f"{self.prog}: {message}")
+        error = BoneSoupError(message)
+        error.prog = self.prog
+        raise error
 
 
 def _matrix(args: argparse.Namespace, n: int) -> np.ndarray:
     if args.row is not None:
+        if args.beta is not None:
+            raise BoneSoupError("give --beta or --row, not both (--row sets the whole first row of B)")
         row = parse_floats(args.row, "--row")
         if len(row) != n:
             raise BoneSoupError(f"--row has {len(row)} entries but the preference has {n}")
-        return coefficients.backbone_matrix_from_row(row)
-    return coefficients.backbone_matrix(args.beta, n)
+        matrix = coefficients.backbone_matrix_from_row(row)
+    else:
+        matrix = coefficients.backbone_matrix(0.7 if args.beta is None else args.beta, n)
+    condition = np.linalg.cond(matrix)
+    if condition > ILL_CONDITIONED:
+        print(
+            f"{PROG}: warning: B has condition number {condition:.3g}: lambda = B^-1 mu is large and changes "
+            "fast with mu (beta close to 1/n, or a --row close to uniform)",
+            file=sys.stderr,
+        )
+    return matrix
+
+
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """`--preference -0.3,1.3` as `--preference=-0.3,1.3`: argparse takes a value that starts with '-'
+    and is not a plain number for an option, and says "expected one argument"."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\.?\d", token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def cmd_coefficients(args: argparse.Namespace) -> int:
@@ -75,7 +102,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         sft = args.sft or manifest.get("sft")
     else:
         backbones = [b for b in args.backbones.split(",") if b]
-        args.beta = 0.7 if args.beta is None else args.beta
         matrix = _matrix(args, len(backbones))
         sft = args.sft
     n = matrix.shape[0]
@@ -121,14 +147,23 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise BoneSoupError("give the objectives once: --reward.model_name_or_path A,B or --objectives FILE")
     from openrlhf_bonesoup import scoring
 
+    # Every cheap check before the models load.
     specs = objectives.parse_objectives(args.objectives or args.reward_model_name_or_path)
     combination = combiners.Combination(specs, combiners.weights_from_args(args, len(specs)))
+    records = scoring.read_jsonl(args.input, ("prompt", "response"))
+    if not Path(args.output).resolve().parent.is_dir():
+        raise BoneSoupError(f"output folder {Path(args.output).resolve().parent} does not exist")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BoneSoupError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
     objs = objectives.load_objectives(
         specs,
         device=args.device,
         model_kwargs={"param_dtype": args.param_dtype, "attn_implementation": args.attn_implementation},
     )
-    raw = scoring.score_jsonl(objs, combination, args.input, args.output, args.batch_size)
+    raw = scoring.score_records(objs, combination, records, args.output, args.batch_size)
     print(f"wrote {raw.shape[0]} records to {args.output}; weights {combination.weights.tolist()}")
     print("raw values per objective (before normalisation), e.g. for `normalize: {mean: M, std: S}`:")
     for o, column in zip(objs, raw.T, strict=True):
@@ -233,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("coefficients", help="print B and the merge coefficients lambda = B^-1 mu")
-    p.add_argument("--beta", type=float, default=0.7, help="diagonal of B, in (1/n, 1] (default 0.7)")
+    p.add_argument("--beta", type=float, default=None, help="diagonal of B, in (1/n, 1] (default 0.7)")
     p.add_argument("--row", default=None, help="explicit first row of a symmetric circulant B (n >= 3)")
     p.add_argument("--preference", required=True, help="preference mu, e.g. 0.3,0.7 (n = its length)")
     p.add_argument("--alpha", type=float, default=None, help="SFT extrapolation strength (>= 0)")
@@ -313,12 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_negative_values_attached(argv))
         return args.func(args)
-    except BoneSoupError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (BoneSoupError, OSError) as e:  # OSError: an unwritable or missing folder, a full disk
+        print(f"{getattr(e, 'prog', PROG)}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the commands clean up on the way out (merge: no partial output)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main_entry() -> None:

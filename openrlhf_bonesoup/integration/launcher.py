@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.abc
+import importlib.util
 import json
 import os
 import runpy
@@ -42,6 +44,7 @@ UPSTREAM = "openrlhf.cli.train_ppo_ray"
 PROG = "python -m openrlhf_bonesoup.cli.train_ppo_ray"
 REWARD_FUNC_FILE = str(Path(__file__).with_name("reward_func.py"))
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for the driver
+GPU_MODULES = ("vllm", "flash_attn_2_cuda")  # OpenRLHF imports them; only GPU machines have them
 _running_openrlhf = False  # True while _run_openrlhf runs OpenRLHF's main (see add_arguments)
 
 
@@ -100,15 +103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(build_parser().format_help())
         print("OpenRLHF options (openrlhf.cli.train_ppo_ray):\n")
-        with contextlib.suppress(SystemExit):
+        with contextlib.suppress(SystemExit), _gpu_modules_for_parsing():
             _run_openrlhf(["--help"])
         return 0
     try:
         ours, rest = _parse(argv)
         if ours.dry_run:
-            plan, _ = resolve(argv)
+            # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
+            with _gpu_modules_for_parsing(), contextlib.redirect_stdout(sys.stderr):
+                plan, _ = resolve(argv)
             print(json.dumps(plan, indent=2))
             return 0
+        missing = [name for name in GPU_MODULES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise BoneSoupError(
+                f"{' and '.join(missing)} not installed: a training launch needs OpenRLHF's GPU stack "
+                '(pip install "openrlhf[vllm]==0.11.2"); --help and --dry_run work without it'
+            )
         launch: dict = {"openrlhf_argv": rest}
         with _hierarchize_then(lambda args: prepare(ours, args, argv, launch)), _actor_replaced():
             _run_openrlhf(rest)
@@ -141,6 +152,44 @@ def resolve(argv: Sequence[str]) -> tuple[dict, Any]:
     except DryRun as stop:
         return stop.args
     raise RuntimeError(f"{UPSTREAM} returned without calling hierarchize: is this OpenRLHF 0.11?")
+
+
+class _ParseOnly(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Empty `vllm` / `flash_attn_2_cuda` modules, found only when no real one is (this finder comes last
+    on sys.meta_path): enough for OpenRLHF's train_ppo_ray to import and parse its flags on a machine
+    without its GPU stack. Any name taken from them raises at use, never silently."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] not in GPU_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "vllm")
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        def missing(attr: str):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+
+            def refuse(*args, **kwargs):
+                raise BoneSoupError(f"{module.__name__}.{attr}: {module.__name__} is not installed here")
+
+            return type(attr, (), {"__init__": refuse, "__call__": refuse})
+
+        module.__getattr__ = missing
+
+
+@contextlib.contextmanager
+def _gpu_modules_for_parsing() -> Iterator[None]:
+    finder = _ParseOnly()
+    sys.meta_path.append(finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n, m in sys.modules.items() if getattr(m, "__loader__", None) is finder]:
+            del sys.modules[name]
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

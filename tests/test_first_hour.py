@@ -1,0 +1,172 @@
+"""A newcomer's ordinary mistakes get one line and exit 2 (130 for Ctrl-C), never a traceback; the
+launcher's --help and --dry_run work on a machine without vLLM. Every command runs as a subprocess,
+as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import STAND_INS_BOOT
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "openrlhf-bonesoup"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def one_line_error(r: subprocess.CompletedProcess, words: str, code: int = 2) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.strip().splitlines() if "Warning" not in line and "warn(" not in line]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert words in lines[0], lines[0]
+    return lines[0]
+
+
+def without_stand_ins() -> dict:
+    """This environment without the tests' stand-ins anywhere: no vllm, no flash_attn_2_cuda."""
+    env = dict(os.environ)
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(STAND_INS_BOOT)]
+    env["PYTHONPATH"] = os.pathsep.join(kept)
+    return env
+
+
+# --- the launcher on a machine without vLLM -------------------------------------------------------
+
+
+def test_launcher_help_and_dry_run_work_without_vllm(tiny):
+    env = without_stand_ins()
+    launcher = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0 and "No module named 'vllm'" in probe.stderr  # really absent
+
+    r = subprocess.run([*launcher, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--reward_combiner" in r.stdout and "--vllm.num_engines" in r.stdout  # ours and OpenRLHF's
+
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path"]
+    argv += [f"{tiny['rm_llama']},{tiny['classifier']}", "--reward_combiner", "bonesoup", "--beta", "0.7"]
+    argv += ["--backbone_index", "1"]
+    r = subprocess.run([*launcher, *argv, "--dry_run"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads(r.stdout)
+    assert plan["bonesoup"]["weights"] == pytest.approx([0.3, 0.7]) and plan["reward.remote_url"] is None
+
+    r = subprocess.run([*launcher, *argv], capture_output=True, text=True, env=env, timeout=120)
+    one_line_error(r, "vllm and flash_attn_2_cuda not installed: a training launch needs OpenRLHF's GPU stack")
+
+
+# --- score -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def samples(tmp_path) -> Path:
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"prompt": "Human: hi Assistant:", "response": " hello"}) + "\n")
+    return path
+
+
+def score(tiny, *args):
+    return run("score", "--reward_combiner", "single", "--objective", "0", *args)
+
+
+@pytest.mark.parametrize("which", ["input", "output folder", "cuda"])
+def test_score_mistakes_are_one_line(tiny, samples, tmp_path, which):
+    rms = f"--reward.model_name_or_path={tiny['rm_llama']},{tiny['rm_gpt2']}"
+    args = {"input": ["--input", tmp_path / "nope.jsonl", "--output", tmp_path / "out.jsonl"]}
+    args["output folder"] = ["--input", samples, "--output", tmp_path / "no_such_folder" / "out.jsonl"]
+    args["cuda"] = ["--input", samples, "--output", tmp_path / "out.jsonl", "--device", "cuda"]
+    words = {"input": "nope.jsonl does not exist", "output folder": "no_such_folder does not exist"}
+    words["cuda"] = "--device cuda: no CUDA GPU is available here"
+    one_line_error(score(tiny, rms, *args[which]), words[which])
+
+
+def test_a_typo_in_a_local_rm_path_is_not_looked_up_on_a_hub(tiny, samples, tmp_path):
+    start = time.monotonic()
+    r = score(tiny, "--reward.model_name_or_path=./ckpt/rm_typo,./ckpt/rm2", "--input", samples, "--output", "o")
+    one_line_error(r, "./ckpt/rm_typo does not exist")
+    assert time.monotonic() - start < 60  # no network time-out (about 30 s each)
+
+
+def test_a_causal_lm_given_as_a_reward_model_is_refused(tiny, samples, tmp_path):
+    rms = f"--reward.model_name_or_path={tiny['policy']},{tiny['rm_gpt2']}"
+    r = score(tiny, rms, "--input", samples, "--output", tmp_path / "out.jsonl")
+    one_line_error(r, "has no value head `score.weight`")
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+def test_negative_numbers_need_no_equals_sign():
+    r = run("coefficients", "--preference", "-0.3,1.3")
+    one_line_error(r, "preference entries must be >= 0, got [-0.3, 1.3]")  # validated, not "expected one argument"
+
+
+def test_beta_and_row_together_are_refused():
+    one_line_error(
+        run("coefficients", "--beta", "0.9", "--row", "0.6,0.2,0.2", "--preference", "0.2,0.3,0.5"), "not both"
+    )
+
+
+def test_parser_errors_have_one_prefix():
+    line = one_line_error(run("coefficients"), "the following arguments are required: --preference")
+    assert line.startswith("openrlhf-bonesoup coefficients: error: ") and line.count("openrlhf-bonesoup") == 1
+
+
+def test_a_near_singular_row_warns():
+    r = run("coefficients", "--row", "0.34,0.33,0.33", "--preference", "0.2,0.3,0.5")
+    assert r.returncode == 0 and "lambda = B^-1 mu: [-13.  -3.  17.]" in r.stdout
+    assert "warning: B has condition number 100" in r.stderr
+    assert "warning" not in run("coefficients", "--preference", "0.2,0.8").stderr
+
+
+def test_exact_zero_is_printed_as_zero():
+    r = run("coefficients", "--preference", "0.3,0.7")
+    assert "[0. 1.]" in r.stdout and "-0." not in r.stdout
+
+
+# --- interruptions and file-system mistakes ------------------------------------------------------
+
+SLOW = """
+import pathlib, time
+def reward_func(queries, prompts, labels):
+    pathlib.Path({marker!r}).write_text("scoring")
+    time.sleep(60)
+    return [0.0] * len(queries)
+"""
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, samples):
+    marker = tmp_path / "started"
+    (tmp_path / "slow.py").write_text(SLOW.format(marker=str(marker)))
+    out = tmp_path / "out.jsonl"
+    cmd = [
+        str(BIN / "openrlhf-bonesoup"),
+        "score",
+        f"--reward.model_name_or_path={tmp_path}/slow.py,{tmp_path}/slow.py",
+    ]
+    cmd += ["--reward_combiner", "single", "--objective", "0", "--input", str(samples), "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    one_line_error(subprocess.CompletedProcess(cmd, proc.returncode, "", err), "openrlhf-bonesoup: interrupted", 130)
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl.*"))  # no half file left
+
+
+def test_merge_into_a_folder_that_cannot_exist_is_one_line(tiny, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    ckpt = tiny["policy"]
+    r = run("merge", "--backbones", f"{ckpt},{ckpt}", "--preference", "0.5,0.5", "--output", tmp_path / "a_file" / "m")
+    one_line_error(r, "a_file")
