@@ -148,6 +148,9 @@ def test_select_beta_refuses_incomparable_runs(tmp_path, capsys):
         evaluate.select_beta([a, b])
     with pytest.raises(BoneSoupError, match="objectives"):
         evaluate.select_beta([a, c])
+    twin = _write_run(tmp_path / "a2.json", 0.6, [[1, 3], [2, 2.5], [3, 1]])
+    with pytest.raises(BoneSoupError, match="beta 0.6 is given twice"):
+        evaluate.select_beta([a, twin])
     (tmp_path / "d.json").write_text(json.dumps({"mean": [[1, 2]], "objectives": ["a", "b"]}))
     assert main(["select-beta", a, str(tmp_path / "d.json")]) == 2
     assert main(["select-beta", a]) == 2
