@@ -359,11 +359,7 @@ def evaluate(
     from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
     from openrlhf_bonesoup.objectives import load_objectives
 
-    manifest = soup.read_soup(soup_dir)
-    backbones = soup.trained_backbones(manifest)
-    if backbones is None:
-        status = [(e or {}).get("status", "missing") for e in manifest["backbones"]]
-        raise BoneSoupError(f"not every backbone of {soup_dir} is trained yet (status {status})")
+    manifest, backbones = soup.require_trained(soup_dir)
     matrix, n, sft = check_matrix(manifest["matrix"]), manifest["n"], manifest.get("sft")
     preferences = [check_preference(mu, n).tolist() for mu in preferences]
     if alpha == "auto" and alpha_prompts is None:

@@ -50,7 +50,10 @@ def read_soup(soup_dir: str | os.PathLike) -> dict:
     """The manifest of soup_dir, validated (format, B); BoneSoupError when missing or malformed."""
     path = Path(soup_dir) / MANIFEST
     if not path.is_file():
-        raise BoneSoupError(f"no soup manifest at {path}: pass --soup_dir of a training launch, or --backbones")
+        raise BoneSoupError(
+            f"no soup manifest at {path}: give the --soup_dir of a training launch, or make one with "
+            "`openrlhf-bonesoup soup init` and `soup register`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -80,7 +83,7 @@ def init_soup(
         "objectives": [dict(o) for o in objectives],
         "beta": float(beta),
         "n": int(matrix.shape[0]),
-        "matrix": np.asarray(matrix).tolist(),
+        "matrix": (np.round(matrix, 12) + 0.0).tolist(),  # 0.3, not 0.30000000000000004
         "sft": sft,
     }
     with _locked(soup_dir):
@@ -127,6 +130,19 @@ def trained_backbones(manifest: dict) -> list[str] | None:
     if all(e and e.get("status") == "trained" and e.get("checkpoint") for e in entries):
         return [e["checkpoint"] for e in entries]
     return None
+
+
+def require_trained(soup_dir: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The manifest and its n trained backbone checkpoints, or a one-line error naming what is missing."""
+    manifest = read_soup(soup_dir)
+    backbones = trained_backbones(manifest)
+    if backbones is None:
+        status = [(e or {}).get("status", "missing") for e in manifest["backbones"]]
+        raise BoneSoupError(
+            f"not every backbone of {soup_dir} is trained yet (status {status}): register each finished one "
+            "with `openrlhf-bonesoup soup register`"
+        )
+    return manifest, backbones
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:

@@ -93,11 +93,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.soup_dir:
         if args.beta is not None or args.row is not None:
             raise BoneSoupError("--soup_dir takes B from its manifest: drop --beta/--row")
-        manifest = soup.read_soup(args.soup_dir)
-        backbones = soup.trained_backbones(manifest)
-        if backbones is None:
-            status = [(e or {}).get("status", "missing") for e in manifest["backbones"]]
-            raise BoneSoupError(f"not every backbone of {args.soup_dir} is trained yet (status {status})")
+        manifest, backbones = soup.require_trained(args.soup_dir)
         matrix = coefficients.check_matrix(manifest["matrix"])
         sft = args.sft or manifest.get("sft")
     else:
@@ -249,6 +245,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup_init(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import soup
+
+    specs = objectives.parse_objectives(args.objectives)
+    matrix = _matrix(args, len(specs))
+    manifest = soup.init_soup(args.soup_dir, objectives=specs, beta=float(matrix[0, 0]), matrix=matrix, sft=args.sft)
+    print(f"soup {Path(args.soup_dir) / soup.MANIFEST}: {manifest['n']} objectives {[o['name'] for o in specs]}")
+    print(
+        f"register each trained backbone j: {PROG} soup register --soup_dir {args.soup_dir} --backbone_index j "
+        "--checkpoint PATH"
+    )
+    return 0
+
+
+def cmd_soup_register(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import merge, soup
+
+    merge.after_training(args.soup_dir, args.backbone_index, args.checkpoint)
+    entry = soup.read_soup(args.soup_dir)["backbones"][args.backbone_index]
+    print(f"backbone {args.backbone_index} of {args.soup_dir}: trained, {entry['checkpoint']} ({entry['fingerprint']})")
+    return 0
+
+
+def cmd_soup_show(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import soup
+
+    manifest = soup.read_soup(args.soup_dir)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"soup {Path(args.soup_dir) / soup.MANIFEST} (created {manifest.get('created')})")
+    for i, o in enumerate(manifest["objectives"]):
+        where = o.get("path") or o.get("url")
+        print(f"  objective {i}: {o['name']} ({o['kind']}: {where}, normalize {o['normalize']})")
+    with np.printoptions(precision=6, suppress=True):
+        print(f"  beta {manifest['beta']:g}, B =\n{np.asarray(manifest['matrix'])}")
+    print(f"  SFT model: {manifest.get('sft')}")
+    for j, entry in enumerate(manifest["backbones"]):
+        entry = entry or {}
+        where = entry.get("checkpoint") or entry.get("output_dir") or "-"
+        print(f"  backbone {j}: {entry.get('status', 'missing')}, {where}")
+    ready = soup.trained_backbones(manifest) is not None
+    print(f"  ready to merge: {'yes' if ready else 'no (every backbone must be trained)'}")
+    return 0
+
+
 def _generation_flags(p: argparse.ArgumentParser) -> None:
     # evaluate and merge --alpha auto read prompts and sample alike: one definition of the flags.
     p.add_argument("--data.input_key", dest="input_key", default="input", help="JSON key of the prompt")
@@ -261,6 +303,13 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval.seed", dest="seed", type=int, default=42)
     p.add_argument("--eval.batch_size", dest="batch_size", type=int, default=8, help="transformers and scoring batch")
     p.add_argument("--vllm.gpu_memory_utilization", dest="gpu_memory_utilization", type=float, default=0.6)
+
+
+def _register_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--soup_dir", "--soup.dir", dest="soup_dir", required=True, help="the soup folder")
+    p.add_argument("--backbone_index", type=int, required=True, help="j: the row of B it was trained on")
+    p.add_argument("--checkpoint", required=True, help="its final checkpoint (--ckpt.output_dir of the run)")
+    p.set_defaults(func=cmd_soup_register)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +388,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="hypervolume reference point (default: common nadir of all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_select_beta)
+
+    p = sub.add_parser("soup", help="make, fill and show a soup folder (soup.json) without the training launcher")
+    soup_sub = p.add_subparsers(dest="soup_command", required=True, parser_class=_Parser)
+    q = soup_sub.add_parser("init", help="create soup.json: objectives, B, SFT model")
+    q.add_argument("--soup_dir", "--soup.dir", dest="soup_dir", required=True, help="the soup folder")
+    q.add_argument("--objectives", required=True, help="objectives spec: RM paths A,B or a YAML/JSON file")
+    q.add_argument(
+        "--beta", type=float, default=None, help="diagonal of B, in (1/n, 1] (default 0.7; 1: Rewarded Soup)"
+    )
+    q.add_argument("--row", default=None, help="explicit first row of a symmetric circulant B (n >= 3)")
+    q.add_argument("--sft", required=True, help="the SFT checkpoint every backbone was trained from")
+    q.set_defaults(func=cmd_soup_init)
+    _register_flags(soup_sub.add_parser("register", help="register a trained backbone (recovery after a failed hook)"))
+    q = soup_sub.add_parser("show", help="print a soup's objectives, B, SFT model and backbones")
+    q.add_argument("--soup_dir", "--soup.dir", dest="soup_dir", required=True, help="the soup folder")
+    q.add_argument("--json", action="store_true", help="print soup.json as it is")
+    q.set_defaults(func=cmd_soup_show)
+    # `register` is `soup register`, also at the top level where the post-training hook's errors point.
+    _register_flags(sub.add_parser("register", help="= soup register: register a trained backbone checkpoint"))
 
     p = sub.add_parser("demo", help="CPU demo of Theorem 1: quadratic rewards, real soups, merges and evaluation")
     p.add_argument("--output", required=True, help="folder for results.json, demo.png and the two soups")
