@@ -6,7 +6,10 @@ import textwrap
 from pathlib import Path
 
 import torch
-from conftest import STAND_INS
+
+# Not `from conftest import ...`: tests/gpu has a conftest.py of its own, and pytest may have imported
+# that one under the name `conftest` first.
+STAND_INS = Path(__file__).resolve().parent / "stand_ins"
 
 
 def test_stand_ins_in_use_here_because_real_modules_are_absent():
