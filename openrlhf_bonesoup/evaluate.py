@@ -215,10 +215,15 @@ def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
         seed=sampling["seed"],
         skip_special_tokens=True,
     )
-    texts = [out.outputs[0].text for out in llm.generate(list(prompts), params)]
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    try:
+        texts = [out.outputs[0].text for out in llm.generate(list(prompts), params)]
+    finally:
+        # vLLM's engine runs in a process of its own, stopped by a garbage-collector finalizer: shut it
+        # down now, so that the next preference's engine finds the GPU memory free (one engine at a time).
+        llm.llm_engine.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
     return texts
 
 

@@ -35,6 +35,23 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="bonesoup-hf-m
 
 import tiny_models  # noqa: E402  (needs the path set-up above)
 
+GPU_TESTS = TESTS / "gpu"
+NO_CUDA = "no CUDA GPU here (torch.cuda.is_available() is False): run on a GPU machine, see docs/gpu.md"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m gpu` selects by marker
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/gpu/ gets the `gpu` marker and, without CUDA, a one-line skip: the CPU
+    suite and CI are unchanged. (One conftest for the whole suite: a second one in tests/gpu would be
+    imported under the same module name, `conftest`, that the test modules import from.)"""
+    import torch
+
+    for item in items:
+        if GPU_TESTS in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:

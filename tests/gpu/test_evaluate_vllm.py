@@ -1,0 +1,135 @@
+"""evaluate's vLLM branch on a GPU: the same greedy responses, and so the same scores' order, as the
+transformers branch on a tiny soup; and one vLLM engine at a time across K preferences.
+
+Skipped without CUDA (tests/conftest.py) and without a real vllm: the CPU stand-in that
+tests/stand_ins puts behind the real module does not count (evaluate.vllm_usable tells them apart).
+
+The backbones are tiny LLaMAs vLLM's kernels take (head size 64, float32) built so that greedy
+decoding cannot depend on rounding: each one's next token is a fixed permutation sigma_j of the last
+one, by a margin of ~100 logits (lm_head rows are the embeddings, permuted; the random layers add
+~5% to the residual stream). vLLM's Triton attention computes in TF32, transformers in float32;
+only a margin like this makes "same greedy text" a fair demand. Merging moves the argmax from
+sigma_0 to sigma_1 with the preference, so the responses differ between preferences.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from openrlhf_bonesoup import evaluate, objectives, soup
+from openrlhf_bonesoup.coefficients import backbone_matrix
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [
+    "Human: How do I bake bread? Assistant:",
+    "Human: Tell me a joke. Assistant:",
+    "The weather today is",
+    "Summarize: The quick brown fox",
+]
+# lambda = B^-1 mu with beta 0.7: (1.75, -0.75), (-0.25, 1.25), (-0.75, 1.75); no 50/50 preference,
+# whose lambda (0.5, 0.5) would tie sigma_0(t) and sigma_1(t).
+PREFERENCES = [[1.0, 0.0], [0.2, 0.8], [0.0, 1.0]]
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "batch_size": 4}
+GiB = 2**30
+
+
+def _permutation_lm(path, tokenizer, seed: int) -> None:
+    """A LLaMA whose greedy next token after t is sigma(t), sigma a seeded permutation of the printable
+    ASCII tokens (so the text decodes alike token by token). Layers and embeddings are the same for
+    every seed: only lm_head differs, as a merge then sees it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids}
+    printable = [i for i, text in texts.items() if text.isascii() and text.isprintable()]
+    order = torch.randperm(len(printable), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.no_grad():
+        embeddings = torch.randn(len(tokenizer), config.hidden_size, generator=torch.Generator().manual_seed(0))
+        head = embeddings.clone()
+        for t, k in zip(printable, order, strict=True):
+            head[printable[k]] = embeddings[t]  # logit of sigma(t) = |e_t|^2 when the hidden state is ~e_t
+        model.model.embed_tokens.weight.copy_(embeddings)
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def vllm_soup(tiny, tmp_path_factory):
+    if not evaluate.vllm_usable():
+        pytest.skip("vllm is not installed for real (the CPU stand-in in tests/stand_ins does not count)")
+    root = tmp_path_factory.mktemp("vllm_soup")
+    tokenizer = tiny_models.make_tokenizer(root / "tokenizer", "llama")
+    folder = root / "soup"
+    specs = objectives.parse_objectives(f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    for j in range(2):
+        _permutation_lm(root / f"backbone{j}", tokenizer, seed=10 + j)
+    soup.init_soup(folder, objectives=specs, beta=0.7, matrix=backbone_matrix(0.7, 2), sft=str(root / "backbone0"))
+    for j in range(2):
+        soup.register_backbone(folder, j, status="trained", checkpoint=root / f"backbone{j}")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"input": p}) + "\n" for p in PROMPTS))
+    return folder
+
+
+def _responses(output):
+    return {
+        path.stem: [json.loads(line)["response"] for line in path.read_text().splitlines()]
+        for path in sorted((output / "generations").glob("*.jsonl"))
+    }
+
+
+def _pairwise_order(means: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """sign(mean_a - mean_b) for every pair of preferences and objective; differences under tol are ties."""
+    diff = means[:, None, :] - means[None, :, :]
+    return np.sign(np.where(np.abs(diff) < tol, 0.0, diff))
+
+
+def test_vllm_branch_matches_transformers_and_frees_each_engine(vllm_soup, tmp_path, monkeypatch):
+    prompts = vllm_soup.parent / "prompts.jsonl"
+
+    # One engine at a time: the GPU's free memory is back after each preference's generation. An
+    # engine still alive would hold gpu_memory_utilization (60%) of the GPU.
+    free = []
+    generate_vllm = evaluate._generate_vllm
+
+    def measured(model_dir, texts, sampling):
+        before = torch.cuda.mem_get_info()[0]
+        out = generate_vllm(model_dir, texts, sampling)
+        free.append((before, torch.cuda.mem_get_info()[0]))
+        return out
+
+    monkeypatch.setattr(evaluate, "_generate_vllm", measured)
+    with_vllm = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "vllm", sampling=GREEDY)
+    assert with_vllm["backend"] == "vllm" and len(free) == len(PREFERENCES)
+    for k, (before, after) in enumerate(free):
+        assert after > before - GiB, f"preference {k}: {(before - after) / GiB:.1f} GiB still held after generation"
+
+    # The same evaluation through transformers' generate (on the GPU too).
+    monkeypatch.setattr(evaluate, "vllm_usable", lambda: False)
+    with_hf = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "hf", sampling=GREEDY)
+    assert with_hf["backend"] == "transformers"
+
+    texts_vllm, texts_hf = _responses(tmp_path / "vllm"), _responses(tmp_path / "hf")
+    assert texts_vllm == texts_hf
+    assert texts_vllm["mu_1.00_0.00"] != texts_vllm["mu_0.00_1.00"]  # the preference changes the model
+    assert all(len(r) > 0 for responses in texts_vllm.values() for r in responses)
+    means_vllm, means_hf = np.asarray(with_vllm["mean"]), np.asarray(with_hf["mean"])
+    np.testing.assert_array_equal(_pairwise_order(means_vllm), _pairwise_order(means_hf))
+    np.testing.assert_allclose(means_vllm, means_hf, atol=1e-3)
