@@ -1,22 +1,10 @@
-"""The embedded CPU demo: the paper's Theorem 1 setting, run through the real soup, merge and evaluation code.
+"""The CPU demo: the paper's Theorem 1 setting, run through the real soup, merge and evaluation code.
 
-Two quadratic rewards over a parameter vector theta, r_i(theta) = -(theta - c_i)^T A_i (theta - c_i),
-with diagonal A_i of distinguishable curvatures. Everything PPO would find is known in closed form:
-the maximiser of sum_i w_i r_i is (sum_i w_i A_i)^-1 sum_i w_i A_i c_i. So
-- Rewarded Soup's ingredients are the single-objective optima c_i (w = e_i),
-- Bone Soup's backbones are the optima of the backbone rewards h_j (w = row j of B(beta)),
-- the MORLHF oracle front is the optimum for every preference (w = mu).
-The ingredients are written as safetensors checkpoints (one tensor, "theta") into two soup folders
-with real soup.json manifests (Rewarded Soup is the soup with beta = 1, B = I), merged by the merge
-engine for 101 preferences, and each merged "model" is evaluated by reading its theta back and
-computing r. Hypervolumes, controllability and the win interval come from evaluate.py.
-
-What the demo shows, and which claim is which:
-- guaranteed (Theorem 1, on every instance): for mu_1 inside ((1-s)/2, (1+s)/2), s = sqrt(2 beta^2 -
-  2 beta + 1), Bone Soup's scalarised reward mu . r is at least Rewarded Soup's. The demo measures
-  the interval where Bone Soup wins and checks that it contains the theorem's.
-- shown on this stated instance only: Bone Soup's hypervolume (paper's 11-point grid, common nadir
-  as reference point) is larger than Rewarded Soup's. That is not true of every instance.
+Two quadratic rewards r_i(theta) = -(theta - c_i)^T A_i (theta - c_i): everything PPO would find is
+known in closed form (`optimum`), so Rewarded Soup's ingredients, Bone Soup's backbones and the MORLHF
+oracle are exact. They are written as safetensors checkpoints into two real soups, merged for 101
+preferences by the merge engine and scored by reading theta back. What it proves, and what it only
+shows on its stated instance: docs/demo.md.
 """
 
 from __future__ import annotations

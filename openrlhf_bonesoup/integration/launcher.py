@@ -15,11 +15,8 @@ Ray placement, vLLM rollouts and trainer run as they are. Two seams, both in thi
 - `openrlhf.trainer.ray.launcher.RewardModelActor`: train_ppo_ray imports this name at import time,
   so it is swapped for ours before runpy and restored after.
 
-After train() returns (the model is saved), the backbone is handed to merge.after_training.
-
-The upstream patch (patches/openrlhf-0.11.2-bonesoup.patch) reaches the same path from OpenRLHF's own
-`python -m openrlhf.cli.train_ppo_ray`: its parser calls `add_arguments`, and when `requested(args)`
-it hands the whole argv to `main`, which runs that script again without our flags.
+After train() returns (the model is saved), the backbone goes to the post-training hook. The upstream
+patch (patches/) reaches `main` from OpenRLHF's own train_ppo_ray through `add_arguments` / `requested`.
 """
 
 from __future__ import annotations
