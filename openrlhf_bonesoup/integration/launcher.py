@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _hierarchize_then(lambda args: prepare(ours, args, argv, launch)), _actor_replaced():
             _run_openrlhf(rest)
         if ours.soup_dir:
-            from openrlhf_bonesoup import merge  # issue 4's module; imported only when a launch ends
+            from openrlhf_bonesoup import hook as merge  # the post-training hook; imported only when a launch ends
 
             merged = merge.after_training(
                 ours.soup_dir,
