@@ -3,19 +3,17 @@
 It knows only merge plans (one weight per input, per output), so Bone Soup, Rewarded Soup, MORLHF
 interpolation and SFT extrapolation are the same code; merge.py turns preferences into plans.
 `weighted_sum` is its only arithmetic: an fp32 accumulation in input order, cast once to the
-checkpoint dtype by the caller (serve.py uses it too, so served weights equal merged ones bit for bit).
+checkpoint dtype by the caller (a server that reuses it serves the merged bytes, bit for bit).
 
 The pipeline for full-weight checkpoints (checkpoints.py reads and writes the safetensors files):
 - read: every input file is mmap'd once and each chunk (a run of one tensor's elements) is viewed
   in place, without a copy;
-- sum: one worker thread per core takes chunks in file order and, for each output, sums the chunk
-  with `weighted_sum`, casts it, checks it is finite (the cast chunk is read once, still in cache)
-  and pwrites it at its final offset, so memory stays a few chunks per thread whatever the model
-  size, n or K. torch runs one thread inside each worker: no OpenMP barriers, which stall when
-  other processes share the cores;
-- write: each written range is handed to the disk at once (posix_fadvise DONTNEED starts writeback
-  of dirty pages and leaves them cached), so the disk works while later chunks are summed instead
-  of all at the final fsync;
+- sum: one worker thread per core takes chunks in file order; per chunk the inputs are upcast once
+  into fp32 buffers, and for each output the chunk is summed with `weighted_sum`, cast, checked
+  finite (the cast chunk is read once, still in cache) and pwritten at its final offset, so memory
+  stays a few chunks per thread whatever the model size, n or K. torch runs one thread inside each
+  worker: no OpenMP barriers, which stall when other processes share the cores;
+- write: the final fsync of each output file (before the rename) puts the bytes on disk;
 - device="cuda": the same chunks go through pinned host buffers and are summed and cast on the GPU,
   one CUDA stream per worker thread, so one thread's copies overlap another's arithmetic.
 LoRA adapters go to lora.py (rank concatenation), or through this pipeline with their deltas added
@@ -35,7 +33,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -329,12 +327,13 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
                 with open(file, "rb") as f:  # a private mapping: writable views, never written
                     maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     fds = {path: os.open(path, os.O_WRONLY) for tensor in job["tensors"] for path, _ in tensor["outputs"]}
+    write = _writer(fds)
     position, lock, stop, errors = itertools.count(), threading.Lock(), threading.Event(), []
     done = [0]
 
     def work() -> None:
         try:
-            step = _cuda_step(job, maps, fds, longest) if cuda else _cpu_step(job, maps, fds, longest)
+            step = (_cuda_step if cuda else _cpu_step)(job, maps, write, longest)
             while not stop.is_set():
                 i = next(position)  # atomic: each chunk goes to one thread
                 if i >= len(items):
@@ -374,22 +373,27 @@ def _view(maps: dict, source: tuple[str, int], dtype: torch.dtype, start: int, e
     return torch.frombuffer(maps[source[0]], dtype=dtype, count=end - start, offset=source[1] + start * item)
 
 
-def _pwrite(fd: int, data: torch.Tensor, offset: int) -> None:
-    buffer = data.reshape(-1).view(torch.uint8).numpy()
-    if os.pwrite(fd, buffer, offset) != buffer.nbytes:
-        raise OSError(f"short write at byte {offset}")
-    if hasattr(os, "posix_fadvise"):
-        # On dirty pages DONTNEED only starts their writeback (they stay cached): the disk works while
-        # the next chunks are summed instead of all at the final fsync.
-        os.posix_fadvise(fd, offset, buffer.nbytes, os.POSIX_FADV_DONTNEED)
+def _writer(fds: dict[str, int]) -> Callable[[str, torch.Tensor, int], None]:
+    """write(path, data, offset): pwrite a chunk into one of the job's output files.
+
+    Writeback is left to the final fsync: starting it early for finished ranges (posix_fadvise
+    DONTNEED, or per chunk) was measured slower on this project's machines (docs/merging.md).
+    """
+
+    def write(path: str, data: torch.Tensor, offset: int) -> None:
+        buffer = data.reshape(-1).view(torch.uint8).numpy()
+        if os.pwrite(fds[path], buffer, offset) != buffer.nbytes:
+            raise OSError(f"short write to {path} at byte {offset}")
+
+    return write
 
 
-def _copy_or_refuse(job: dict, tensor: dict, xs: list[torch.Tensor], fds: dict, start: int) -> None:
+def _copy_or_refuse(job: dict, tensor: dict, xs: list[torch.Tensor], write, start: int) -> None:
     """Integer/bool tensors (masks, ids) cannot be averaged: they must agree and are copied."""
     if not all(torch.equal(xs[0], x) for x in xs[1:]):
         raise BoneSoupError(f"integer tensor {tensor['name']!r} differs between the inputs; cannot merge it")
     for path, offset in tensor["outputs"]:
-        _pwrite(fds[path], xs[0], offset + start * xs[0].element_size())
+        write(path, xs[0], offset + start * xs[0].element_size())
 
 
 def _non_finite(job: dict, tensor: dict, xs: list[torch.Tensor], k: int) -> BoneSoupError:
@@ -408,9 +412,15 @@ def _terms(tensor: dict, xs: list[torch.Tensor], weights: list[float], k: int, s
     return [*xs, lora.delta_rows(*delta, start // row, end // row).reshape(-1)], [*weights, 1.0]
 
 
-def _cpu_step(job: dict, maps: dict, fds: dict, longest: int):
-    """One worker thread's chunk function on CPU; its buffers live as long as the thread."""
+def _cpu_step(job: dict, maps: dict, write, longest: int):
+    """One worker thread's chunk function on CPU; its buffers live as long as the thread.
+
+    Inputs are upcast once per chunk into fp32 buffers (exact), not by each add_ for each output:
+    torch would allocate, fault in and free a temporary per term. The finiteness check sums the
+    cast chunk in its own dtype (the CPU sum accumulates in fp32 inside; sum(dtype=) would copy it).
+    """
     acc = torch.empty(longest, dtype=torch.float32)
+    ins = [torch.empty(longest, dtype=torch.float32) for _ in job["inputs"]]
     out = torch.empty(longest * _width(job), dtype=torch.uint8)  # the cast chunk
 
     def step(t: int, start: int, end: int) -> int:
@@ -418,23 +428,24 @@ def _cpu_step(job: dict, maps: dict, fds: dict, longest: int):
         dtype = DTYPES[tensor["dtype"]]
         xs = [_view(maps, source, dtype, start, end) for source in tensor["sources"]]
         if not dtype.is_floating_point:
-            _copy_or_refuse(job, tensor, xs, fds, start)
+            _copy_or_refuse(job, tensor, xs, write, start)
             return (end - start) * dtype.itemsize
         a, o = acc[: end - start], out[: (end - start) * dtype.itemsize].view(dtype)
+        fp32 = xs if dtype == torch.float32 else [buf[: end - start].copy_(x) for buf, x in zip(ins, xs, strict=True)]
         for k, ((path, offset), w) in enumerate(zip(tensor["outputs"], job["weights"], strict=True)):
-            o.copy_(weighted_sum(*_terms(tensor, xs, w, k, start, end), a))
+            o.copy_(weighted_sum(*_terms(tensor, fp32, w, k, start, end), a))
             # NaN/inf in any input (even at weight 0) or an overflow of the output dtype makes the sum
-            # non-finite; a sum is 2x cheaper than isfinite(), which only decides the rare case of
-            # finite values whose fp32 sum overflows.
-            if not torch.isfinite(o.sum(dtype=torch.float32)) and not torch.isfinite(o).all():
+            # non-finite; a sum is cheaper than isfinite(), which only decides the rare case of
+            # finite values whose sum overflows.
+            if not torch.isfinite(o.sum()) and not torch.isfinite(o).all():
                 raise _non_finite(job, tensor, xs, k)
-            _pwrite(fds[path], o, offset + start * dtype.itemsize)
+            write(path, o, offset + start * dtype.itemsize)
         return (end - start) * dtype.itemsize
 
     return step
 
 
-def _cuda_step(job: dict, maps: dict, fds: dict, longest: int):
+def _cuda_step(job: dict, maps: dict, write, longest: int):
     """One worker thread's chunk function on a GPU: pinned staging buffers and its own CUDA stream.
 
     The thread copies the chunk's inputs into pinned memory; its stream moves them to the GPU, sums,
@@ -463,7 +474,7 @@ def _cuda_step(job: dict, maps: dict, fds: dict, longest: int):
         size = (end - start) * dtype.itemsize
         xs = [_view(maps, source, dtype, start, end) for source in tensor["sources"]]
         if not dtype.is_floating_point:
-            _copy_or_refuse(job, tensor, xs, fds, start)
+            _copy_or_refuse(job, tensor, xs, write, start)
             return size
         with torch.cuda.stream(stream):
             gpu_xs = [to_gpu(x, i) for i, x in enumerate(xs)]
@@ -476,7 +487,7 @@ def _cuda_step(job: dict, maps: dict, fds: dict, longest: int):
                 stream.synchronize()  # the buffers are reused by the next output and the next chunk
                 if not math.isfinite(total.item()) and not torch.isfinite(host).all():
                     raise _non_finite(job, tensor, xs, k)
-                _pwrite(fds[path], host, offset + start * dtype.itemsize)
+                write(path, host, offset + start * dtype.itemsize)
         return size
 
     return step
