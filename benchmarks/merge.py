@@ -16,7 +16,7 @@ Variants (lambda = B^-1 (0, 1) with beta = 5/6, i.e. (-0.25, 1.25)):
 - plain I/O, the floor of any merge, four ways (the fastest is the baseline): `cat` of both inputs
   to /dev/null, then `cat` of input 0 into the output, `sync` of it; the same with the output written
   by os.copy_file_range or os.sendfile (in the kernel, no user-space copy); and copy_file_range with
-  each 64 MiB range handed to the disk at once (posix_fadvise DONTNEED starts its writeback);
+  the merge's own overlap of disk writes (a thread fdatasyncs the output while it is written);
 - merge: `openrlhf-bonesoup merge` (the CLI, start-up included; `--device cuda` too where CUDA is);
 - mergekit 0.1.5 `mergekit-yaml` linear, normalize false, dtype bfloat16, then `sync` of its output;
   installed into .bench-venv (torch pinned to ours) when missing;
@@ -45,7 +45,7 @@ SWEEP = 11
 
 # Plain I/O in Python, for the variants that write with a system call instead of `cat`.
 PLAIN_IO = """
-import os, sys
+import os, sys, threading
 mode, out, n0 = sys.argv[1], sys.argv[2], int(sys.argv[3])
 inputs = sys.argv[4:]
 buf = bytearray(8 << 20)
@@ -55,6 +55,13 @@ for f in inputs:  # read both inputs, as `cat ... > /dev/null`
             pass
 os.mkdir(out)
 fd = os.open(os.path.join(out, "model.safetensors"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+done = threading.Event()
+def flush():  # the merge's own overlap: fdatasync over and over while the file is written
+    while not done.wait(0.05):
+        os.fdatasync(fd)
+flusher = threading.Thread(target=flush)
+if mode == "flusher":
+    flusher.start()
 pos = 0
 for f in inputs[:n0]:  # write input 0's bytes once more
     src, off, size = os.open(f, os.O_RDONLY), 0, os.path.getsize(f)
@@ -63,11 +70,12 @@ for f in inputs[:n0]:  # write input 0's bytes once more
             n = os.sendfile(fd, src, off, min(size - off, 64 << 20))
         else:
             n = os.copy_file_range(src, fd, min(size - off, 64 << 20), off, pos)
-            if mode == "writeback":
-                os.posix_fadvise(fd, pos, n, os.POSIX_FADV_DONTNEED)
         off += n
         pos += n
     os.close(src)
+done.set()
+if mode == "flusher":
+    flusher.join()
 os.fsync(fd)
 os.close(fd)
 """
@@ -153,7 +161,7 @@ def commands(inputs: list[Path], out: Path, weights: list[float], config: Path, 
         "io_cat": ["sh", "-c", f'{cat} && sync "{out}/model.safetensors"'],
         "io_copy_file_range": [*plain, "copy_file_range", str(out), n0, *shards[0], *shards[1]],
         "io_sendfile": [*plain, "sendfile", str(out), n0, *shards[0], *shards[1]],
-        "io_writeback": [*plain, "writeback", str(out), n0, *shards[0], *shards[1]],
+        "io_flusher": [*plain, "flusher", str(out), n0, *shards[0], *shards[1]],
         "merge": [*merge, "--output", str(out)],
         "merge_cuda": [*merge, "--output", str(out), "--device", "cuda"],
         "mergekit": mergekit_cmd(config, out),
@@ -259,7 +267,7 @@ def main() -> None:
     if args.chunks:
         variants = [f"merge_chunk_{c}" for c in args.chunks.split(",")]
     else:
-        variants = ["io_cat", "io_copy_file_range", "io_sendfile", "io_writeback", "merge", "mergekit", "reference"]
+        variants = ["io_cat", "io_copy_file_range", "io_sendfile", "io_flusher", "merge", "mergekit", "reference"]
         variants += ["merge_cuda"] if torch.cuda.is_available() else []
         mergekit_yaml()
     mem = Path("/proc/meminfo").read_text().split()[1]

@@ -1,8 +1,9 @@
 """Checkpoint folders on disk: the safetensors format read and written by hand, and atomic outputs.
 
-Reading: `layout` parses every safetensors header of a folder (8-byte length, JSON, raw bytes) into
-tensor name -> (file, dtype, shape, byte offset). The merge engine views tensors in place through
-mmap at those offsets; safetensors' `safe_open` does not expose them and copies every slice.
+Reading: `read_layout` parses every safetensors header of a folder (`read_header`: an 8-byte length,
+JSON, then raw bytes) into tensor name -> (file, dtype, shape, byte offset), checked against the file
+size. The merge engine views tensors in place through mmap at those offsets: safetensors' `safe_open`
+does not expose them, and copies every slice it reads.
 Writing: `header` builds one shard's header before any tensor is computed, so the engine can write
 each chunk at its final offset. Pickled weights are never loaded (`weight_files` refuses them).
 

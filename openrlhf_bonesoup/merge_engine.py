@@ -13,7 +13,8 @@ The pipeline for full-weight checkpoints (checkpoints.py reads and writes the sa
   finite (the cast chunk is read once, still in cache) and pwritten at its final offset, so memory
   stays a few chunks per thread whatever the model size, n or K. torch runs one thread inside each
   worker: no OpenMP barriers, which stall when other processes share the cores;
-- write: the final fsync of each output file (before the rename) puts the bytes on disk;
+- write: a flusher thread fdatasyncs the output files over and over while they are written, so the
+  disk writes during the arithmetic and the final fsync (before the rename) waits only for the tail;
 - device="cuda": the same chunks go through pinned host buffers and are summed and cast on the GPU,
   one CUDA stream per worker thread, so one thread's copies overlap another's arithmetic.
 LoRA adapters go to lora.py (rank concatenation), or through this pipeline with their deltas added
@@ -59,8 +60,12 @@ def weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float], out: torc
     rounded to fp32 (torch's add_ with alpha, on CPU and CUDA alike), so a merge is bit-identical on
     both; callers cast the result to the checkpoint dtype (one rounding).
     """
-    if out.dtype != torch.float32 or len(xs) != len(weights) or any(x.shape != out.shape for x in xs):
-        raise ValueError(f"weighted_sum needs an fp32 out of the xs' shape and one weight per x, got {out.dtype}")
+    if out.dtype != torch.float32 or not xs or len(xs) != len(weights) or any(x.shape != out.shape for x in xs):
+        shapes = sorted({tuple(x.shape) for x in xs})
+        raise ValueError(
+            f"weighted_sum needs an fp32 out of the xs' shape and one weight per x: out {out.dtype}"
+            f"{tuple(out.shape)}, xs of shapes {shapes}, {len(weights)} weights for {len(xs)} xs"
+        )
     out.zero_()
     for x, w in zip(xs, weights, strict=True):
         out.add_(x, alpha=w)
@@ -278,8 +283,8 @@ def _run_parallel(jobs: list[dict], workers: int) -> Iterator[int]:
     """Run jobs on Ray tasks when Ray is initialised, else on a spawned process pool; yield bytes done."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        task = ray.remote(num_cpus=jobs[0]["threads"])(_run_job)
-        pending = [task.remote(job) for job in jobs]
+        task = ray.remote(num_cpus=1)(_run_job)  # one core per task: a cluster's nodes may be smaller than this one
+        pending = [task.remote(dict(job, threads=1)) for job in jobs]
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
@@ -347,17 +352,31 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
             errors.append(e)
             stop.set()
 
+    def flush() -> None:
+        # The disk writes what the workers wrote while they go on summing: the final fsync (before
+        # the rename) then waits only for the tail. A thread of its own, so no worker waits on the disk.
+        try:
+            while not flushed.wait(0.05):
+                for fd in fds.values():
+                    _datasync(fd)
+        except OSError as e:  # a full or failing disk
+            errors.append(e)
+            stop.set()
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pool = [threading.Thread(target=work, daemon=True) for _ in range(job["threads"])]
+    flushed = threading.Event()
+    flusher = threading.Thread(target=flush, daemon=True)
     try:
-        for thread in pool:
+        for thread in [*pool, flusher]:
             thread.start()
         for thread in pool:
             thread.join()
     finally:
         stop.set()  # an exception here (SIGTERM, Ctrl-C) stops the workers after their current chunk
-        for thread in pool:
+        flushed.set()
+        for thread in [*pool, flusher]:
             thread.join()
         torch.set_num_threads(threads)
         for fd in fds.values():
@@ -367,6 +386,9 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
     return done[0]
 
 
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
 def _view(maps: dict, source: tuple[str, int], dtype: torch.dtype, start: int, end: int) -> torch.Tensor:
     """Elements start:end of a tensor whose data begins at byte source[1] of file source[0], in place."""
     item = dtype.itemsize
@@ -374,11 +396,7 @@ def _view(maps: dict, source: tuple[str, int], dtype: torch.dtype, start: int, e
 
 
 def _writer(fds: dict[str, int]) -> Callable[[str, torch.Tensor, int], None]:
-    """write(path, data, offset): pwrite a chunk into one of the job's output files.
-
-    Writeback is left to the final fsync: starting it early for finished ranges (posix_fadvise
-    DONTNEED, or per chunk) was measured slower on this project's machines (docs/merging.md).
-    """
+    """write(path, data, offset): pwrite a chunk into one of the job's output files."""
 
     def write(path: str, data: torch.Tensor, offset: int) -> None:
         buffer = data.reshape(-1).view(torch.uint8).numpy()
