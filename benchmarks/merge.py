@@ -1,57 +1,112 @@
-"""Merge benchmark: the streaming engine against plain I/O and a reference-style in-RAM merge.
+"""Merge benchmark: whole processes timed from outside, against plain I/O, mergekit and a reference merge.
 
-Run by hand, not in CI (it writes ~25 GB in all and takes minutes):
+Run by hand, not in CI (it writes ~60 GB in all and takes 15-30 minutes):
 
-    .venv/bin/python benchmarks/merge.py                 # n = 2 backbones + SFT, ~1.5 GB each
-    .venv/bin/python benchmarks/merge.py --layers 4      # a smaller model, for a quick look
+    .venv/bin/python benchmarks/merge.py --rounds 5 --max_load 0.7
+    .venv/bin/python benchmarks/merge.py --chunks 65536,262144,1048576 --small_layers 0   # chunk size
 
-It generates LLaMA-shaped bf16 checkpoints (HF shards + index + config.json) in a temporary folder,
-runs every variant in its own subprocess, samples that process's RssAnon (anonymous memory: mmap'd
-safetensors pages are file-backed and not counted) every 5 ms from /proc/self/status, prints the
-ratios in one run, and deletes everything. Every variant fsyncs its output before the clock stops, so
-all times are "until the bytes are on disk"; `sync` runs before each variant. The inputs mostly sit
-in the page cache (they were just written and fit in RAM). The short variants run ROUNDS times,
-interleaved, and the fastest run counts (all are printed); the K = 11 sweep and the 11 single merges
-(outputs kept, like the sweep's) run once. --workers 2 runs its work in child processes, whose
-memory this sampler does not see: only its time is reported.
+It generates two random bf16 LLaMA checkpoints per size (hidden 2048, MLP 5632, vocab 32000, HF shards
+of 1 GB + index + config.json: 12 layers = 1.5 GB each, and --small_layers), then runs every variant
+as its own process, timed from outside with a wall clock, until its output is fsynced (`sync` runs
+before each run, outside the clock). Each round runs every variant once, in a rotated order; a round
+starts only when the 1-minute load average is below --max_load. It prints medians over rounds and
+the median of the per-round ratios (paired runs), with the load seen at each round's start.
+
+Variants (lambda = B^-1 (0, 1) with beta = 5/6, i.e. (-0.25, 1.25)):
+- plain I/O, the floor of any merge, four ways (the fastest is the baseline): `cat` of both inputs
+  to /dev/null, then `cat` of input 0 into the output, `sync` of it; the same with the output written
+  by os.copy_file_range or os.sendfile (in the kernel, no user-space copy); and copy_file_range with
+  the merge's own overlap of disk writes (a thread fdatasyncs the output while it is written);
+- merge: `openrlhf-bonesoup merge` (the CLI, start-up included; `--device cuda` too where CUDA is);
+- mergekit 0.1.5 `mergekit-yaml` linear, normalize false, dtype bfloat16, then `sync` of its output;
+  installed into .bench-venv (torch pinned to ours) when missing;
+- reference: what reference scripts do: from_pretrained x2, a state-dict sum, save_pretrained, fsync.
+Outside the clock it checks that the merge writes mergekit's bytes, and samples peak anonymous memory
+(RssAnon of /proc/PID/status: mmap'd file pages are not anonymous) for both sizes and a K = 11 sweep.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-GRID = 11
-ROUNDS = 3
-WEIGHTS = [0.42, 0.78, -0.2]  # (1 + alpha) lambda and -alpha for beta = 0.7, mu = (0.4, 0.6), alpha = 0.2
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_VENV = ROOT / ".bench-venv"
+BETA = 5 / 6  # B^-1 (0, 1) = (-0.25, 1.25)
+CLI = [sys.executable, "-m", "openrlhf_bonesoup.cli"]
+SWEEP = 11
 
+# Plain I/O in Python, for the variants that write with a system call instead of `cat`.
+PLAIN_IO = """
+import os, sys, threading
+mode, out, n0 = sys.argv[1], sys.argv[2], int(sys.argv[3])
+inputs = sys.argv[4:]
+buf = bytearray(8 << 20)
+for f in inputs:  # read both inputs, as `cat ... > /dev/null`
+    with open(f, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
+os.mkdir(out)
+fd = os.open(os.path.join(out, "model.safetensors"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+done = threading.Event()
+def flush():  # the merge's own overlap: fdatasync over and over while the file is written
+    while not done.wait(0.05):
+        os.fdatasync(fd)
+flusher = threading.Thread(target=flush)
+if mode == "flusher":
+    flusher.start()
+pos = 0
+for f in inputs[:n0]:  # write input 0's bytes once more
+    src, off, size = os.open(f, os.O_RDONLY), 0, os.path.getsize(f)
+    while off < size:
+        if mode == "sendfile":
+            n = os.sendfile(fd, src, off, min(size - off, 64 << 20))
+        else:
+            n = os.copy_file_range(src, fd, min(size - off, 64 << 20), off, pos)
+        off += n
+        pos += n
+    os.close(src)
+done.set()
+if mode == "flusher":
+    flusher.join()
+os.fsync(fd)
+os.close(fd)
+"""
 
-def _anon_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise RuntimeError("no RssAnon in /proc/self/status")
+REFERENCE = """
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+a, b, out, w0, w1 = sys.argv[1:6]
+models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16) for p in (a, b)]
+states = [m.state_dict() for m in models]
+merged = {k: float(w0) * states[0][k] + float(w1) * states[1][k] for k in states[0]}
+models[0].load_state_dict(merged)
+models[0].save_pretrained(out)
+for f in os.listdir(out):
+    fd = os.open(os.path.join(out, f), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+"""
 
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+CHUNKED_MERGE = """
+import sys
+from openrlhf_bonesoup import merge_engine
+merge_engine.CHUNK_ELEMENTS = int(sys.argv[1])
+from openrlhf_bonesoup.cli import main_entry
+sys.argv = ["openrlhf-bonesoup", *sys.argv[2:]]
+main_entry()
+"""
 
 
 def generate(folder: Path, layers: int, seed: int) -> None:
-    """A random bf16 LLaMA checkpoint (hidden 2048, MLP 5632, vocab 32000) saved as HF shards."""
+    """A random bf16 LLaMA checkpoint (hidden 2048, MLP 5632, vocab 32000) saved as 1 GB HF shards."""
     import torch
     from huggingface_hub import save_torch_state_dict
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,6 +120,7 @@ def generate(folder: Path, layers: int, seed: int) -> None:
         vocab_size=32000,
         tie_word_embeddings=False,
         dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],  # mergekit reads the architecture from config.json
     )
     with torch.device("meta"):
         names = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -75,143 +131,220 @@ def generate(folder: Path, layers: int, seed: int) -> None:
     config.save_pretrained(str(folder))
 
 
-def variant(name: str, inputs: list[Path], out: Path) -> None:
-    """One measured variant, in this (sub)process; prints a JSON line with seconds and memory."""
-    import torch  # noqa: F401  (imports before the baseline, so they are not counted as the merge's memory)
+def mergekit_yaml() -> Path:
+    """mergekit-yaml of mergekit 0.1.5 in .bench-venv, installed when missing (torch pinned to ours)."""
+    import torch
 
-    from openrlhf_bonesoup import coefficients, merge
+    exe = BENCH_VENV / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        print(f"installing mergekit 0.1.5 into {BENCH_VENV} (a few minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+        subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", torch_pin, "mergekit==0.1.5"], check=True)
+    return exe
 
-    peak = [0]
-    stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _anon_kib())
-            time.sleep(0.005)
+def mergekit_cmd(config: Path, out: Path) -> list[str]:
+    """mergekit-yaml, then an fsync of what it wrote (it does not fsync by itself)."""
+    return ["sh", "-c", f'"{BENCH_VENV}/bin/mergekit-yaml" "{config}" "{out}" > /dev/null 2>&1 && sync "{out}"/*']
 
-    base = _anon_kib()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+
+def commands(inputs: list[Path], out: Path, weights: list[float], config: Path, variants: list[str]) -> dict:
+    shards = [sorted(str(f) for f in p.glob("*.safetensors")) for p in inputs]
+    n0 = str(len(shards[0]))
+    merge = [*CLI, "merge", "--backbones", f"{inputs[0]},{inputs[1]}", "--beta", repr(BETA), "--preference", "0,1"]
+    plain = [sys.executable, "-I", "-S", "-c", PLAIN_IO]
+    # `cat` both inputs, then input 0's shards once more into the output, and fsync it.
+    files, first = " ".join(f'"{f}"' for f in shards[0] + shards[1]), " ".join(f'"{f}"' for f in shards[0])
+    cat = f'cat {files} > /dev/null && mkdir "{out}" && cat {first} > "{out}/model.safetensors"'
+    all_variants = {
+        "io_cat": ["sh", "-c", f'{cat} && sync "{out}/model.safetensors"'],
+        "io_copy_file_range": [*plain, "copy_file_range", str(out), n0, *shards[0], *shards[1]],
+        "io_sendfile": [*plain, "sendfile", str(out), n0, *shards[0], *shards[1]],
+        "io_flusher": [*plain, "flusher", str(out), n0, *shards[0], *shards[1]],
+        "merge": [*merge, "--output", str(out)],
+        "merge_cuda": [*merge, "--output", str(out), "--device", "cuda"],
+        "mergekit": mergekit_cmd(config, out),
+        "reference": [sys.executable, "-c", REFERENCE, str(inputs[0]), str(inputs[1]), str(out), *map(repr, weights)],
+    }
+    for name in variants:
+        if name.startswith("merge_chunk_"):
+            chunk = name.removeprefix("merge_chunk_")
+            all_variants[name] = [sys.executable, "-c", CHUNKED_MERGE, chunk, *merge[3:], "--output", str(out)]
+    return {name: all_variants[name] for name in variants}
+
+
+def run(cmd: list[str], out: Path) -> float:
+    os.sync()  # no run pays for the previous one's dirty pages
     start = time.perf_counter()
-    if name == "io":
-        # Read every input byte and write one output's bytes: the floor for any merge.
-        size = sum(f.stat().st_size for f in inputs[0].glob("*.safetensors"))
-        buffer = bytearray(64 << 20)
-        for path in inputs:
-            for f in sorted(path.glob("*.safetensors")):
-                with open(f, "rb", buffering=0) as fh:
-                    while fh.readinto(buffer):
-                        pass
-        out.mkdir()
-        with open(out / "model.safetensors", "wb", buffering=0) as fh:
-            for _ in range(0, size, len(buffer)):
-                fh.write(buffer)
-        _fsync_tree(out)
-    elif name in ("merge", "merge_workers2"):
-        merge.merge_checkpoints(inputs, [WEIGHTS], [out], workers=2 if name == "merge_workers2" else 1, progress=False)
-    elif name == "singles":
-        matrix = coefficients.backbone_matrix(0.7, 2)
-        # Outputs are kept, as the sweep keeps its K: both then leave the same bytes in the page cache.
-        prefs = coefficients.preference_grid(GRID)
-        for mu, single in zip(prefs, merge.sweep_outputs(out, prefs), strict=True):
-            merge.merge_soup(inputs[:2], matrix, [mu], [single], sft=inputs[2], alpha=0.2, progress=False)
-    elif name == "sweep":
-        prefs = coefficients.preference_grid(GRID)
-        outs = merge.sweep_outputs(out, prefs)
-        matrix = coefficients.backbone_matrix(0.7, 2)
-        merge.merge_soup(inputs[:2], matrix, prefs, outs, sft=inputs[2], alpha=0.2, progress=False)
-    elif name == "reference":
-        # What the reference scripts do: every model fully in RAM through from_pretrained, state dicts
-        # summed in the model dtype, save_pretrained.
-        from transformers import AutoModelForCausalLM
-
-        models = [AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.bfloat16) for p in inputs]
-        states = [m.state_dict() for m in models]
-        merged = {k: sum(w * s[k] for w, s in zip(WEIGHTS, states, strict=True)) for k in states[0]}
-        models[0].load_state_dict(merged)
-        models[0].save_pretrained(str(out))
-        _fsync_tree(out)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    print(json.dumps({"seconds": seconds, "peak_anon_mib": peak[0] / 1024, "base_anon_mib": base / 1024}))
-
-
-def run(name: str, inputs: list[Path], out: Path) -> dict:
-    os.sync()  # no variant pays for the previous one's dirty pages
-    cmd = [sys.executable, __file__, "--variant", name, "--out", str(out), *map(str, inputs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        sys.exit(f"variant {name} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{cmd[:3]} failed:\n{proc.stderr[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    memory = f"peak RssAnon {result['peak_anon_mib']:6.0f} MiB (after imports {result['base_anon_mib']:.0f} MiB)"
-    if name == "merge_workers2":
-        memory = "(its memory is in the worker processes: not sampled)"
-    print(f"  {name:15s} {result['seconds']:8.2f} s   {memory}", flush=True)
-    return result
+    return seconds
+
+
+def peak_anon_mib(cmd: list[str]) -> float:
+    """Peak RssAnon of the command's process, sampled from outside every 10 ms (an untimed run)."""
+    os.sync()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.01)
+    if proc.wait() != 0:
+        sys.exit(f"{cmd[:3]} failed")
+    return peak / 1024
+
+
+def load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def wait_for_load(max_load: float, timeout: float) -> float:
+    deadline = time.time() + timeout
+    while load() >= max_load and time.time() < deadline:
+        time.sleep(15)
+    return load()
+
+
+def same_tensors(a: Path, b: Path) -> str:
+    """Whether two checkpoints hold the same tensors, bit for bit (read whole, tensor by tensor)."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if ia.keys() != ib.keys():
+        return f"different tensor names ({len(ia.keys() ^ ib.keys())} differ)"
+    differ = 0
+    for name in ia:
+        with safe_open(ia[name], framework="pt") as fa, safe_open(ib[name], framework="pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+        if x.dtype != y.dtype or not torch.equal(x.view(torch.int16), y.view(torch.int16)):
+            differ += 1
+    return f"{len(ia) - differ} of {len(ia)} tensors bit-identical"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of a's time / b's time in the same round."""
+    return median([x / y for x, y in zip(times[a], times[b], strict=True)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers (12: ~1.5 GB per checkpoint)")
-    parser.add_argument("--small_layers", type=int, default=3, help="a smaller model, for memory vs model size")
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers (12: 1.5 GB per checkpoint)")
+    parser.add_argument("--small_layers", type=int, default=3, help="the smaller size (0: skip it)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max_load", type=float, default=0.7, help="start a round only below this 1-minute load")
+    parser.add_argument("--load_timeout", type=float, default=1800, help="seconds to wait for that load per round")
+    parser.add_argument("--chunks", default=None, help="only time the merge at these CHUNK_ELEMENTS values")
     parser.add_argument("--workdir", default=None, help="where to generate (default: a temporary folder)")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("inputs", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        variant(args.variant, [Path(p) for p in args.inputs], Path(args.out))
-        return
 
+    import torch
+
+    from openrlhf_bonesoup import coefficients
+
+    lam = coefficients.merge_coefficients(coefficients.backbone_matrix(BETA, 2), [0.0, 1.0]).tolist()
+    if args.chunks:
+        variants = [f"merge_chunk_{c}" for c in args.chunks.split(",")]
+    else:
+        variants = ["io_cat", "io_copy_file_range", "io_sendfile", "io_flusher", "merge", "mergekit", "reference"]
+        variants += ["merge_cuda"] if torch.cuda.is_available() else []
+        mergekit_yaml()
+    mem = Path("/proc/meminfo").read_text().split()[1]
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}: {os.cpu_count()} CPUs, {int(mem) / 2**20:.0f} GiB RAM, "
+        f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}, "
+        f"load average {Path('/proc/loadavg').read_text().strip()}",
+        flush=True,
+    )
     root = Path(tempfile.mkdtemp(prefix="bonesoup-merge-bench-", dir=args.workdir))
     try:
-        print(f"cpus {os.cpu_count()}, workdir {root}", flush=True)
-        inputs = [root / name for name in ("backbone0", "backbone1", "sft")]
-        t = time.perf_counter()
-        for seed, path in enumerate(inputs):
-            generate(path, args.layers, seed)
-        size = sum(f.stat().st_size for f in inputs[0].glob("*.safetensors"))
-        print(
-            f"generated 3 checkpoints of {size / 1e9:.2f} GB ({args.layers} layers) in {time.perf_counter() - t:.0f} s"
-        )
-        out = root / "out"
-        # Interleaved rounds of the short variants, the fastest run of each counts: page-cache and
-        # writeback state left by whatever ran before (other users of the machine too) then weigh less.
-        r: dict[str, dict] = {}
-        for _ in range(ROUNDS):
-            for name in ("io", "merge", "merge_workers2", "reference"):
-                result = run(name, inputs, out)
-                if name not in r or result["seconds"] < r[name]["seconds"]:
-                    r[name] = result
-        r["singles"] = run("singles", inputs, out)
-        r["sweep"] = run("sweep", inputs, out)
+        sizes = [("large", args.layers)] + ([("small", args.small_layers)] if args.small_layers else [])
+        for label, layers in sizes:
+            inputs = [root / f"{label}_b0", root / f"{label}_b1"]
+            for seed, path in enumerate(inputs):
+                generate(path, layers, seed)
+            size = sum(f.stat().st_size for f in inputs[0].glob("*.safetensors"))
+            config = root / f"{label}_mergekit.yml"
+            config.write_text(
+                "merge_method: linear\nparameters:\n  normalize: false\ndtype: bfloat16\nmodels:\n"
+                + "".join(
+                    f"  - model: {p}\n    parameters:\n      weight: {w!r}\n" for p, w in zip(inputs, lam, strict=True)
+                )
+            )
+            out = root / "out"
+            cmds = commands(inputs, out, lam, config, variants)
+            print(f"\n== {label}: 2 inputs of {size / 1e9:.2f} GB ({layers} layers), lambda {lam}", flush=True)
 
-        small = [root / f"small_{p.name}" for p in inputs]
-        for seed, path in enumerate(small):
-            generate(path, args.small_layers, seed)
-        small_size = sum(f.stat().st_size for f in small[0].glob("*.safetensors"))
-        print(f"smaller model: {small_size / 1e9:.2f} GB per checkpoint ({args.small_layers} layers)")
-        r["merge_small"] = run("merge", small, out)
+            if not args.chunks:  # outside the clock: the merge writes mergekit's bytes; memory
+                check = [*cmds["merge"][:-1], str(root / "check_merge")]
+                subprocess.run(check, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(mergekit_cmd(config, root / "check_kit"), check=True)
+                print(f"  merge output vs mergekit output: {same_tensors(root / 'check_merge', root / 'check_kit')}")
+                shutil.rmtree(root / "check_merge")
+                shutil.rmtree(root / "check_kit")
+                sweep = [*CLI, "merge", "--backbones", f"{inputs[0]},{inputs[1]}", "--beta", repr(BETA)]
+                sweep += ["--grid", str(SWEEP), "--output", str(out)]
+                imports = [sys.executable, "-c", "import torch, openrlhf_bonesoup.cli, openrlhf_bonesoup.merge_engine"]
+                memory = {"merge": peak_anon_mib(cmds["merge"])}
+                shutil.rmtree(out, ignore_errors=True)
+                memory[f"K = {SWEEP} sweep"] = peak_anon_mib(sweep)
+                shutil.rmtree(out, ignore_errors=True)
+                memory["python + torch + engine imports only"] = peak_anon_mib(imports)
+                print("  peak RssAnon: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.items()), flush=True)
 
-        def extra(name: str) -> float:
-            return r[name]["peak_anon_mib"] - r[name]["base_anon_mib"]
+            times: dict[str, list[float]] = {name: [] for name in cmds}
+            loads = []
+            for r in range(args.rounds):
+                seen = wait_for_load(args.max_load, args.load_timeout)
+                loads.append(seen)
+                order = list(cmds)[r % len(cmds) :] + list(cmds)[: r % len(cmds)]
+                line = []
+                for name in order:
+                    times[name].append(run(cmds[name], out))
+                    line.append(f"{name} {times[name][-1]:.2f}")
+                print(
+                    f"  round {r + 1} (load {seen:.2f} at start, {load():.2f} at end): " + ", ".join(line), flush=True
+                )
 
-        def ratio(a: str, b: str) -> float:
-            return r[a]["seconds"] / r[b]["seconds"]
+            print(
+                f"  medians over {args.rounds} rounds (1-min load at round starts: {min(loads):.2f}-{max(loads):.2f}):"
+            )
+            for name, ts in times.items():
+                print(f"    {name:20s} {median(ts):7.2f} s   (runs: {', '.join(f'{t:.2f}' for t in ts)})")
+            if args.chunks:
+                continue
+            io = min((n for n in times if n.startswith("io_")), key=lambda n: median(times[n]))
 
-        print("\nresults (goal in brackets)")
-        print(f"  merge time / plain read+write time        {ratio('merge', 'io'):.2f}  [<= 1.5]")
-        print(f"  speed-up over reference in-RAM merge      {ratio('reference', 'merge'):.2f}x [>= 3]")
-        print(f"  --workers 2 / --workers 1 on this machine {ratio('merge_workers2', 'merge'):.2f}")
-        print(f"  K = {GRID} sweep time / {GRID} single merges    {ratio('sweep', 'singles'):.2f}")
-        print(
-            f"  anonymous memory above imports: merge {extra('merge'):.0f} MiB "
-            f"({size / 2**20:.0f} MiB model), same merge of a {small_size / 2**20:.0f} MiB model "
-            f"{extra('merge_small'):.0f} MiB, K = {GRID} sweep {extra('sweep'):.0f} MiB, "
-            f"reference {extra('reference'):.0f} MiB"
-        )
+            print(f"  plain I/O baseline: {io} (the fastest of the four)")
+            print(f"  merge / plain I/O                 {paired(times, 'merge', io):5.2f}  [goal <= 1.5]")
+            print(f"  merge / plain I/O with `cat`      {paired(times, 'merge', 'io_cat'):5.2f}")
+            print(f"  mergekit / merge                  {paired(times, 'mergekit', 'merge'):5.2f}x [goal >= 4]")
+            print(f"  reference / merge                 {paired(times, 'reference', 'merge'):5.2f}x [goal >= 6]")
+            if "merge_cuda" in times:
+                print(f"  merge --device cuda / plain I/O   {paired(times, 'merge_cuda', io):5.2f}")
+            for path in inputs:
+                shutil.rmtree(path)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -356,7 +356,7 @@ def evaluate(
     alpha: one SFT extrapolation strength, or "auto" (search_alpha on alpha_prompts).
     compare: label -> another evaluation's results.json (or any JSON with "mean": [[r_1..r_n], ...]),
     overlaid on the plot and given a hypervolume against the same reference point.
-    engine_kw go to merge.merge_checkpoints (overwrite, workers, max_shard_size).
+    engine_kw go to merge_engine.merge_checkpoints (overwrite, workers, device, max_shard_size).
     """
     import torch
     from tqdm import tqdm

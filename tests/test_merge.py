@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from openrlhf_bonesoup import cli, coefficients
+from openrlhf_bonesoup.checkpoints import PROVENANCE
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.merge import PROVENANCE, merge_checkpoints, merge_soup, preference_name
+from openrlhf_bonesoup.merge import merge_soup, preference_name
+from openrlhf_bonesoup.merge_engine import merge_checkpoints
 
 
 def load_all(path: Path) -> dict[str, torch.Tensor]:
@@ -220,14 +222,15 @@ def test_plain_safetensors_without_config(tmp_path):
 
 SLOW_MERGE = """
 import os, sys, time
-from openrlhf_bonesoup import merge
+from openrlhf_bonesoup import merge_engine
 real = os.pwrite
 def slow(fd, data, offset):
-    print("writing", flush=True)
+    sys.stdout.write("writing\\n")  # one write per line: the merge's threads call this concurrently
+    sys.stdout.flush()
     time.sleep(0.5)
     return real(fd, data, offset)
 os.pwrite = slow
-merge.merge_checkpoints(sys.argv[1:3], [[0.5, 0.5]], [sys.argv[3]], progress=False)
+merge_engine.merge_checkpoints(sys.argv[1:3], [[0.5, 0.5]], [sys.argv[3]], progress=False)
 """
 
 

@@ -7,6 +7,8 @@ openrlhf.models.Actor, the ZeRO-2 path), full weights and LoRA, on CPU.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -18,8 +20,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_bonesoup import cli, coefficients, soup
+from openrlhf_bonesoup.checkpoints import PROVENANCE
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.merge import PROVENANCE, after_training
+from openrlhf_bonesoup.hook import after_training
 
 PREFERENCES = "0,1;0.3,0.7;1,0"
 
@@ -128,8 +131,66 @@ def test_hook_refuses_pickles_before_registering(trained, tmp_path):
     ckpt.mkdir()
     (ckpt / "adapter_config.json").write_bytes((trained["lora"][0] / "adapter_config.json").read_bytes())
     (ckpt / "adapter_model.bin").write_bytes(b"never read")
-    with pytest.raises(BoneSoupError, match="never unpickles"):
+    with pytest.raises(BoneSoupError, match="holds more than tensors") as error:
         after_training(soup_dir, 0, ckpt, PREFERENCES)
+    assert "\n" not in str(error.value)
+    full = tmp_path / "full_pickle"
+    full.mkdir()
+    (full / "config.json").write_bytes((trained["full"][0] / "config.json").read_bytes())
+    (full / "pytorch_model.bin").write_bytes(b"never read")
+    with pytest.raises(BoneSoupError, match="never unpickles"):
+        after_training(soup_dir, 0, full, PREFERENCES)
+    assert soup.read_soup(soup_dir)["backbones"] == [None, None]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
+
+
+def zero3_copy(lora_dir: Path, dst: Path, state=None) -> Path:
+    """lora_dir as OpenRLHF's save leaves it under --ds.zero_stage 3: the PEFT state dict saved with
+    torch.save as adapter_model.bin, adapter_model.safetensors removed (DeepspeedStrategy.save_model)."""
+    shutil.copytree(lora_dir, dst)
+    weights = dst / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)) if state is None else state, dst / "adapter_model.bin")
+    weights.unlink()
+    return dst
+
+
+def test_zero3_adapter_bin_is_converted_registered_and_merges_the_same(trained, tmp_path):
+    zero3 = [zero3_copy(p, tmp_path / f"zero3_{j}") for j, p in enumerate(trained["lora"])]
+    soup_dir, twin = tmp_path / "soup", tmp_path / "soup_safetensors"
+    for folder, backbones in ((soup_dir, zero3), (twin, trained["lora"])):
+        new_soup(folder, trained["sft"])
+        after_training(folder, 0, backbones[0])
+        (out,) = after_training(folder, 1, backbones[1], "0.3,0.7")
+    for j, folder in enumerate(zero3):
+        converted, original = folder / "adapter_model.safetensors", trained["lora"][j] / "adapter_model.safetensors"
+        want = load_file(str(original))
+        got = load_file(str(converted))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert soup.read_soup(soup_dir)["backbones"][j]["checkpoint"] == str(folder.resolve())
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (soup_dir / "merged" / "mu_0.30_0.70" / name).read_bytes() == (out / name).read_bytes()
+
+
+class NotATensor:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"step": 3}, "holds non-tensor entries ('step': int"),
+        ([torch.zeros(2)], "holds list"),
+        ({"x": NotATensor()}, "holds more than tensors (Unsupported global"),
+    ],
+)
+def test_zero3_adapter_bin_of_other_objects_is_refused_in_one_line(trained, tmp_path, state, message):
+    soup_dir = tmp_path / "soup"
+    new_soup(soup_dir, trained["sft"])
+    folder = zero3_copy(trained["lora"][0], tmp_path / "zero3", state=state)
+    with pytest.raises(BoneSoupError, match=re.escape(message)) as error:
+        after_training(soup_dir, 0, folder, PREFERENCES)
+    assert "\n" not in str(error.value)
+    assert not (folder / "adapter_model.safetensors").exists()
     assert soup.read_soup(soup_dir)["backbones"] == [None, None]
 
 

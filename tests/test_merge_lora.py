@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from openrlhf_bonesoup import coefficients
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.merge import merge_checkpoints, merge_soup
+from openrlhf_bonesoup.merge import merge_soup
+from openrlhf_bonesoup.merge_engine import merge_checkpoints
 
 ADAPTERS = [dict(r=2, lora_alpha=4), dict(r=4, lora_alpha=16, use_rslora=True), dict(r=3, lora_alpha=3)]
 

@@ -121,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _hierarchize_then(lambda args: prepare(ours, args, argv, launch)), _actor_replaced():
             _run_openrlhf(rest)
         if ours.soup_dir:
-            from openrlhf_bonesoup import merge  # issue 4's module; imported only when a launch ends
+            from openrlhf_bonesoup import hook  # the post-training hook; imported only when a launch ends
 
-            merged = merge.after_training(
+            merged = hook.after_training(
                 ours.soup_dir,
                 launch["backbone_index"],
                 launch["output_dir"],
@@ -274,7 +274,7 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     }
     backbone_index = ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective
     # Absolute, so that the policy actor (another process, maybe another node) saves where the
-    # manifest and merge.after_training look.
+    # manifest and the post-training hook look.
     output_dir = args.ckpt.output_dir = str(Path(args.ckpt.output_dir).resolve())
     launch.update(backbone_index=backbone_index, output_dir=output_dir, merge_preferences=preferences)
     env = runtime_env(args.bonesoup)
