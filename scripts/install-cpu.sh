@@ -26,7 +26,7 @@ fi
 # The plugin (editable) and its test tools. --no-deps: its declared dependencies are all above, and
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml pytest hypothesis ruff
-# openrlhf.cli.serve_rm (the remote RM server the tests run) needs these; openrlhf's metadata omits them.
+"${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml pytest hypothesis ruff openai==3.54.0
+# `serve` and openrlhf.cli.serve_rm (the remote RM server the tests run) need these; openrlhf's metadata omits them.
 "${PIP[@]}" fastapi==0.165.0 uvicorn==0.54.0
 "$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("installed:", "torch", torch.__version__, "openrlhf", m.version("openrlhf"), "transformers", transformers.__version__)'

@@ -116,6 +116,46 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import serve, soup  # torch, transformers, fastapi: loaded by this sub-command only
+
+    objectives_names = None
+    if args.soup_dir:
+        if args.beta is not None or args.row is not None:
+            raise BoneSoupError("--soup_dir takes B from its manifest: drop --beta/--row")
+        manifest = soup.read_soup(args.soup_dir)
+        backbones = soup.trained_backbones(manifest)
+        if backbones is None:
+            status = [(e or {}).get("status", "missing") for e in manifest["backbones"]]
+            raise BoneSoupError(f"not every backbone of {args.soup_dir} is trained yet (status {status})")
+        matrix, sft = manifest["matrix"], args.sft or manifest.get("sft")
+        objectives_names = [o.get("name") for o in manifest["objectives"]]
+    else:
+        backbones = [b for b in args.backbones.split(",") if b]
+        args.beta = 0.7 if args.beta is None else args.beta
+        matrix, sft = _matrix(args, len(backbones)), args.sft
+    alpha = parse_floats(args.alpha, "--alpha")
+    default = parse_floats(args.default_preference, "--default_preference") if args.default_preference else None
+    served = serve.Soup(
+        backbones,
+        matrix,
+        sft=sft,
+        alpha=alpha[0] if len(alpha) == 1 else alpha,
+        default_preference=default,
+        objectives=objectives_names,
+    )
+    backend = serve.load_backend(served, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size)
+    kind = "LoRA" if served.lora else "full-weight"
+    print(
+        f"serving a {kind} soup of {served.n} backbones ({backend.name}, {backend.device}) on "
+        f"http://{args.host}:{args.port}/v1 as model '{serve.MODEL}' (preference per request; "
+        f"default {list(served.default)})",
+        flush=True,
+    )
+    serve.run(backend, args.host, args.port)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     if bool(args.objectives) == bool(args.reward_model_name_or_path):
         raise BoneSoupError("give the objectives once: --reward.model_name_or_path A,B or --objectives FILE")
@@ -260,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora.densify", dest="lora_densify", action="store_true", help="LoRA: write full weights")
     p.add_argument("--lora.base", dest="lora_base", default=None, help="LoRA: base model folder for densify")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="serve a soup behind an OpenAI-compatible API; each request picks its preference")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--backbones", help="comma-separated backbone checkpoints (or LoRA adapters) in the row order of B"
+    )
+    src.add_argument("--soup_dir", help="a soup folder whose soup.json lists all n backbones as trained")
+    p.add_argument("--beta", type=float, default=None, help="diagonal of B, in (1/n, 1] (default 0.7)")
+    p.add_argument("--row", default=None, help="explicit first row of a symmetric circulant B (n >= 3)")
+    p.add_argument("--sft", default=None, help="SFT checkpoint for --alpha (default: the soup's SFT model)")
+    p.add_argument("--alpha", default="0", help="extrapolation away from SFT: one number, or one per objective")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
+    p.add_argument(
+        "--dtype", default=None, help="auto, float32, bfloat16, float16 (default: float32 on CPU, else auto)"
+    )
+    p.add_argument("--max_batch_size", type=int, default=8, help="requests generated together")
+    p.add_argument("--default_preference", default=None, help="e.g. 0.5,0.5 (default: uniform)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score prompt/response JSONL with the training objectives and combiner")
     p.add_argument("--reward.model_name_or_path", dest="reward_model_name_or_path", help="objectives A,B,...")
