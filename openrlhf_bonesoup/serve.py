@@ -30,6 +30,7 @@ validation and server-sent events are FastAPI's, pydantic's and starlette's.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import json
@@ -222,11 +223,12 @@ class _Worker:
                         self.generate(batch)
                 except Exception as e:  # one failing batch must not stop the server
                     log.exception("generation failed")
-                    status = 400 if isinstance(e, BoneSoupError) else 500
+                    bad = isinstance(e, BoneSoupError)
+                    status, message = (400, str(e)) if bad else (500, f"{type(e).__name__}: {e}")
                     for job in batch:
                         if not job.done:
                             job.done = True
-                            job.emit(("error", job.index, status, f"{type(e).__name__}: {e}".splitlines()[0]))
+                            job.emit(("error", job.index, status, message))
 
     def generate(self, batch: list[Job]) -> None:
         raise NotImplementedError
@@ -306,14 +308,14 @@ class TransformersBackend(_Worker):
 
     def _load_inputs(self) -> None:
         """The resident inputs, tensor by tensor, viewed as (rows, row) like the engine's chunks."""
+        from safetensors import safe_open
+
         inputs = self.soup.inputs
         layouts = [merge._layout(p) for p in inputs]
         merge._check_layouts(inputs, layouts)  # the engine's checks; drops a tied lm_head as the engine does
         params = self.model.state_dict(keep_vars=True)
         self.tensors: dict[str, tuple[torch.Tensor, list[torch.Tensor], torch.dtype]] = {}
         handles: dict[str, Any] = {}
-        from safetensors import safe_open
-
         for name, (_, _, shape) in layouts[0].items():
             xs = []
             for layout in layouts:
@@ -462,6 +464,7 @@ class VllmBackend(_Worker):
         self.tokenizer = AutoTokenizer.from_pretrained(str(soup.tokenizer_dir()))
         self.context = _context_length(AutoConfig.from_pretrained(str(soup.base)), self.tokenizer)
         self.cache = Path(tempfile.mkdtemp(prefix="bonesoup-serve-loras-"))
+        atexit.register(shutil.rmtree, self.cache, True)
         self.loras: OrderedDict[tuple, Any] = OrderedDict()
         self.ids = itertools.count(1)
         self.start()
