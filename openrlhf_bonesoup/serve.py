@@ -37,6 +37,7 @@ import json
 import logging
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -713,8 +714,17 @@ def build_app(backend: TransformersBackend | VllmBackend) -> FastAPI:
     return app
 
 
-def run(backend: TransformersBackend | VllmBackend, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted (uvicorn)."""
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """The server's socket, bound before the model loads: a busy port is one line at once, not after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise BoneSoupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run(backend: TransformersBackend | VllmBackend, sock: socket.socket) -> None:
+    """Serve on sock until interrupted (uvicorn)."""
     import uvicorn
 
-    uvicorn.run(build_app(backend), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(build_app(backend), log_level="warning")).run(sockets=[sock])

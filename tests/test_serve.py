@@ -337,11 +337,16 @@ def test_jobs_are_grouped_by_preference():
         (["--soup_dir", "nowhere", "--beta", "0.7"], "takes B from its manifest"),
         (["--backbones", "{b0},{b1}", "--alpha", "0.2"], "give its checkpoint (--sft)"),
         (["--backbones", "{b0},{b1}", "--default_preference", "0.2,0.2"], "must sum to 1"),
-        (["--backbones", "{b0},{b1}", "--dtype", "int8"], "--dtype takes"),
+        (["--backbones", "{b0},{b1}", "--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["--backbones", "{b0},{b1}", "--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
     ],
 )
 def test_cli_errors_are_one_line(soups, capsys, argv, message):
-    argv = [a.format(b0=soups["root"] / "b0", b1=soups["root"] / "b1") for a in argv]
-    assert cli.main(["serve", *argv, "--device", "cpu"]) == 2
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        names = {"b0": soups["root"] / "b0", "b1": soups["root"] / "b1", "busy": busy.getsockname()[1]}
+        argv = [a.format(**names) for a in argv]
+        assert cli.main(["serve", "--port", "0", *argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message.format(**names) in err and err.count("\n") == 1

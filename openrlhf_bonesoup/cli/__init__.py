@@ -144,15 +144,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_preference=default,
         objectives=objectives_names,
     )
-    backend = serve.load_backend(served, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size)
-    kind = "LoRA" if served.lora else "full-weight"
-    print(
-        f"serving a {kind} soup of {served.n} backbones ({backend.name}, {backend.device}) on "
-        f"http://{args.host}:{args.port}/v1 as model '{serve.MODEL}' (preference per request; "
-        f"default {list(served.default)})",
-        flush=True,
-    )
-    serve.run(backend, args.host, args.port)
+    sock = serve.listen(args.host, args.port)  # a busy port fails now, not after the model loaded
+    with sock:
+        backend = serve.load_backend(served, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size)
+        print(
+            f"serving a {'LoRA' if served.lora else 'full-weight'} soup of {served.n} backbones ({backend.name}, "
+            f"{backend.device}) on http://{args.host}:{args.port}/v1 as model '{serve.MODEL}' (preference per "
+            f"request; default {list(served.default)})",
+            flush=True,
+        )
+        serve.run(backend, sock)
     return 0
 
 
@@ -315,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument(
-        "--dtype", default=None, help="auto, float32, bfloat16, float16 (default: float32 on CPU, else auto)"
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the served model's dtype (default: float32 on CPU, the checkpoint's own on a GPU)",
     )
     p.add_argument("--max_batch_size", type=int, default=8, help="requests generated together")
     p.add_argument("--default_preference", default=None, help="e.g. 0.5,0.5 (default: uniform)")

@@ -88,7 +88,21 @@ def soup(tmp_path_factory) -> dict:
     return {"root": root, "adapters": f"{root / 'a0'},{root / 'a1'}"}
 
 
+def test_full_weight_soup_falls_back_to_transformers(soup):
+    root = soup["root"]
+    proc, url = start(["--backbones", f"{root / 'base'},{root / 'b1'}", "--beta", "0.7"])
+    try:
+        c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert c.models.list().data[0].bonesoup["backend"] == "transformers"
+        r = c.completions.create(model="bonesoup:0.3,0.7", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.bonesoup["preference"] == [0.3, 0.7]
+    finally:
+        err = stop(proc)
+    assert "vLLM serves LoRA soups only" in err
+
+
 def test_lora_soup_on_vllm_equals_vllm_with_the_merged_adapter(soup):
+    # last in this file: the offline engine below keeps most of the GPU's memory until the process ends
     import vllm
     from vllm.lora.request import LoRARequest
 
@@ -124,16 +138,3 @@ def test_lora_soup_on_vllm_equals_vllm_with_the_merged_adapter(soup):
         (out,) = llm.generate([PROMPT], params, lora_request=LoRARequest(f"m{k}", k + 1, str(path)), use_tqdm=False)
         assert out.outputs[0].text == text
     assert served[0] != served[1]
-
-
-def test_full_weight_soup_falls_back_to_transformers(soup):
-    root = soup["root"]
-    proc, url = start(["--backbones", f"{root / 'base'},{root / 'b1'}", "--beta", "0.7"])
-    try:
-        c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        assert c.models.list().data[0].bonesoup["backend"] == "transformers"
-        r = c.completions.create(model="bonesoup:0.3,0.7", prompt=PROMPT, max_tokens=8, temperature=0)
-        assert r.bonesoup["preference"] == [0.3, 0.7]
-    finally:
-        err = stop(proc)
-    assert "vLLM serves LoRA soups only" in err
