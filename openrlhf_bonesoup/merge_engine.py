@@ -377,7 +377,8 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
         stop.set()  # an exception here (SIGTERM, Ctrl-C) stops the workers after their current chunk
         flushed.set()
         for thread in [*pool, flusher]:
-            thread.join()
+            if thread.ident is not None:  # a signal may land while the threads are being started
+                thread.join()
         torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)

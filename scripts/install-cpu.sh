@@ -46,8 +46,9 @@ fi
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
 step "the plugin" "${PIP[@]}" --no-deps -e .
 step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml \
-    pytest hypothesis ruff
-# openrlhf.cli.serve_rm (the remote RM server the tests run) needs these; openrlhf's metadata omits them.
+    pytest hypothesis ruff openai==3.54.0
+# `serve` and openrlhf.cli.serve_rm (the remote RM server the tests run) need these; openrlhf's metadata
+# omits them.
 step "fastapi and uvicorn" "${PIP[@]}" fastapi==0.165.0 uvicorn==0.54.0
 "$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("install-cpu.sh: installed torch", torch.__version__, "openrlhf", m.version("openrlhf"), "transformers", transformers.__version__, "into '"$VENV"'")'
 echo "install-cpu.sh: done in $(($(date +%s) - start)) s"

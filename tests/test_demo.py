@@ -37,7 +37,7 @@ def test_demo_win_interval_contains_the_theorem_interval(tmp_path, beta):
 def test_demo_soups_and_merges_are_real(tmp_path):
     demo.run_demo(tmp_path, 0.7)
     manifest = soup.read_soup(tmp_path / "bone_soup")
-    assert manifest["beta"] == 0.7 and manifest["matrix"] == backbone_matrix(0.7, 2).tolist()
+    assert manifest["beta"] == 0.7 and manifest["matrix"] == [[0.7, 0.3], [0.3, 0.7]]  # recorded as written
     backbones = [load_file(p + "/model.safetensors")["theta"] for p in soup.trained_backbones(manifest)]
     rewarded = soup.read_soup(tmp_path / "rewarded_soup")
     assert rewarded["matrix"] == [[1.0, 0.0], [0.0, 1.0]]
@@ -47,11 +47,11 @@ def test_demo_soups_and_merges_are_real(tmp_path):
     ]
     # a merged checkpoint holds sum_j lambda_j theta_j, lambda = B^-1 mu, as the merge engine wrote it
     merged = tmp_path / "bone_soup" / "merged" / "mu_0.30_0.70"
-    lam = merge_coefficients(backbone_matrix(0.7, 2), [0.3, 0.7])
+    lam = [0.0, 1.0]  # lambda_i = (mu_i - 0.3) / 0.4 for B(0.7)
     expected = lam[0] * backbones[0] + lam[1] * backbones[1]
     np.testing.assert_allclose(load_file(str(merged / "model.safetensors"))["theta"], expected, rtol=1e-6)
     provenance = json.loads((merged / "bonesoup_merge.json").read_text())
-    assert provenance["weights"] == pytest.approx(lam.tolist())
+    assert provenance["weights"] == pytest.approx(lam, abs=1e-12)
     assert len(list((tmp_path / "bone_soup" / "merged").iterdir())) == 101
 
 

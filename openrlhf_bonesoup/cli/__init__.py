@@ -88,19 +88,24 @@ def cmd_coefficients(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import merge, soup  # torch and safetensors: loaded by this sub-command only
+def _soup_from_flags(args: argparse.Namespace) -> tuple[list[str], np.ndarray, str | None, dict | None]:
+    """merge's and serve's two sources: --soup_dir (B, backbones, SFT from soup.json) or --backbones
+    with --beta/--row. Returns (backbones, B, sft, manifest or None)."""
+    from openrlhf_bonesoup import soup
 
     if args.soup_dir:
         if args.beta is not None or args.row is not None:
             raise BoneSoupError("--soup_dir takes B from its manifest: drop --beta/--row")
         manifest, backbones = soup.require_trained(args.soup_dir)
-        matrix = coefficients.check_matrix(manifest["matrix"])
-        sft = args.sft or manifest.get("sft")
-    else:
-        backbones = [b for b in args.backbones.split(",") if b]
-        matrix = _matrix(args, len(backbones))
-        sft = args.sft
+        return backbones, coefficients.check_matrix(manifest["matrix"]), args.sft or manifest.get("sft"), manifest
+    backbones = [b for b in args.backbones.split(",") if b]
+    return backbones, _matrix(args, len(backbones)), args.sft, None
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import merge  # torch and safetensors: loaded by this sub-command only
+
+    backbones, matrix, sft, manifest = _soup_from_flags(args)
     n = matrix.shape[0]
     if args.preference is not None:
         preferences = [parse_floats(args.preference, "--preference")]
@@ -122,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         from openrlhf_bonesoup import evaluate
 
-        spec = args.objectives or (manifest["objectives"] if args.soup_dir else None)
+        spec = args.objectives or (manifest["objectives"] if manifest else None)
         if spec is None or args.alpha_prompts is None:
             raise BoneSoupError("--alpha auto needs --alpha_prompts FILE and --objectives (or the soup's, --soup_dir)")
         objs = objectives.load_objectives(spec, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,8 +140,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
     paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
     with np.printoptions(precision=6, suppress=True):
         for mu, path in zip(preferences, paths, strict=True):
-            lam = np.round(coefficients.merge_coefficients(matrix, mu), 12) + 0.0  # no "-0." from rounding noise
-            print(f"{path}: mu {np.asarray(mu)}, lambda {lam}")
+            lam = np.asarray(merge.clean(coefficients.merge_coefficients(matrix, mu)))  # no "-0." from rounding
+            line = f"{path}: mu {np.asarray(mu)}, lambda {lam}"
+            if np.any(np.asarray(alpha, dtype=np.float64)):
+                weights, sft_weight = coefficients.soup_weights(matrix, mu, alpha)
+                line += (
+                    f", alpha {alpha}, backbone weights {np.asarray(merge.clean(weights))}, SFT weight {sft_weight:.6g}"
+                )
+            print(line)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from openrlhf_bonesoup import serve  # torch, transformers, fastapi: loaded by this sub-command only
+
+    backbones, matrix, sft, manifest = _soup_from_flags(args)
+    objectives_names = [o.get("name") for o in manifest["objectives"]] if manifest else None
+    alpha = parse_floats(args.alpha, "--alpha")
+    default = parse_floats(args.default_preference, "--default_preference") if args.default_preference else None
+    served = serve.Soup(
+        backbones,
+        matrix,
+        sft=sft,
+        alpha=alpha[0] if len(alpha) == 1 else alpha,
+        default_preference=default,
+        objectives=objectives_names,
+    )
+    sock = serve.listen(args.host, args.port)  # a busy port fails now, not after the model loaded
+    with sock:
+        backend = serve.load_backend(served, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size)
+        print(
+            f"serving a {'LoRA' if served.lora else 'full-weight'} soup of {served.n} backbones ({backend.name}, "
+            f"{backend.device}) on http://{args.host}:{args.port}/v1 as model '{serve.MODEL}' (preference per "
+            f"request; default {list(served.default)})",
+            flush=True,
+        )
+        serve.run(backend, sock)
     return 0
 
 
@@ -350,6 +389,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora.densify", dest="lora_densify", action="store_true", help="LoRA: write full weights")
     p.add_argument("--lora.base", dest="lora_base", default=None, help="LoRA: base model folder for densify")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="serve a soup behind an OpenAI-compatible API; each request picks its preference")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--backbones", help="comma-separated backbone checkpoints (or LoRA adapters) in the row order of B"
+    )
+    src.add_argument("--soup_dir", help="a soup folder whose soup.json lists all n backbones as trained")
+    p.add_argument("--beta", type=float, default=None, help="diagonal of B, in (1/n, 1] (default 0.7)")
+    p.add_argument("--row", default=None, help="explicit first row of a symmetric circulant B (n >= 3)")
+    p.add_argument("--sft", default=None, help="SFT checkpoint for --alpha (default: the soup's SFT model)")
+    p.add_argument("--alpha", default="0", help="extrapolation away from SFT: one number, or one per objective")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the served model's dtype (default: float32 on CPU, the checkpoint's own on a GPU)",
+    )
+    p.add_argument("--max_batch_size", type=int, default=8, help="requests generated together")
+    p.add_argument("--default_preference", default=None, help="e.g. 0.5,0.5 (default: uniform)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score prompt/response JSONL with the training objectives and combiner")
     p.add_argument("--reward.model_name_or_path", dest="reward_model_name_or_path", help="objectives A,B,...")
