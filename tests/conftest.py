@@ -72,3 +72,23 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     tiny_models.make_openrlhf_rm(paths["rm_gpt2"], paths["gpt2_lm"], seed=3)
     tiny_models.make_hf_classifier(paths["classifier"], gpt2_tok, seed=4)
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_gpu(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints for tests/gpu, hidden size 256 with 4 heads: head size 64, which vLLM's
+    attention kernels take; weight matrices of 256 x 512 and more (over 1e5 elements, DeepSpeed's
+    default stage3_param_persistence_threshold), which ZeRO-3 really partitions and gathers.
+
+    - policy: LLaMA causal LM, "llama" tokenizer
+    - rm: OpenRLHF-format RM on it (the policy tokenizer)
+    - classifier: HF GPT-2 sequence classifier (2 labels), "gpt2" tokenizer
+    """
+    root = tmp_path_factory.mktemp("tiny_gpu")
+    paths = {name: root / name for name in ("policy", "rm", "classifier")}
+    llama_tok = tiny_models.make_tokenizer(root / "tok_llama", "llama")
+    gpt2_tok = tiny_models.make_tokenizer(root / "tok_gpt2", "gpt2")
+    tiny_models.make_llama_lm(paths["policy"], llama_tok, seed=0, hidden_size=256)
+    tiny_models.make_openrlhf_rm(paths["rm"], paths["policy"], seed=2)
+    tiny_models.make_hf_classifier(paths["classifier"], gpt2_tok, seed=4, hidden_size=256)
+    return paths

@@ -2,12 +2,19 @@
 OpenRLHF's rollout workers make them (its SingleTurnAgentExecutor and SamplesGenerator), with the tiny
 policy generating through HF `generate` (vLLM cannot run on CPU; the executor only needs an engine
 with `generate(prompt_ids, params)`).
+
+The Ray side, shared by tests/test_integration_ray.py (CPU) and tests/gpu/test_reward_*_gpu.py: a
+stand-in of OpenRLHF's vLLM engine actor, a CPU policy actor for log-probs, upstream's
+make_experience_batch in a hooked worker (the PPO trainer's role), and the reward written out by
+hand. Ray workers do not have tests/ on their path: register this module with
+`ray.cloudpickle.register_pickle_by_value(rollouts)` before using them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import subprocess
@@ -17,8 +24,32 @@ import urllib.request
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import numpy as np
+import ray
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from openrlhf.models import Actor, get_llm_for_sequence_regression
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
+from openrlhf.utils import get_strategy
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+PROMPTS = [
+    ("Human: How do I bake bread? Assistant:", "bonus"),
+    ("Human: Tell me a joke. Assistant:", None),
+    ("Human: How can I stay safe online? Assistant:", "bonus"),
+    ("Summarize: a fox. TL;DR:", None),
+    ("Human: Please be helpful. Assistant:", None),
+    ("The weather today is", "bonus"),
+    ("Human: Why is the sky blue? Assistant:", None),
+    ("Human: I cannot help with that request. Assistant:", None),
+]
+STEPS = [PROMPTS[:4], PROMPTS[4:]]  # two PPO steps of rollout batch 4, micro-batches of 2
+RULES = """
+def reward_func(queries, prompts, labels):
+    # reads the dataset label: the length of the query, plus 5 when the label says "bonus"
+    return [len(q) + (5.0 if label == "bonus" else 0.0) for q, label in zip(queries, labels)]
+"""
 
 
 def free_port() -> int:
@@ -68,8 +99,6 @@ def serve_rm(*checkpoints) -> Iterator[list[str]]:
 def reference_rm(path, text: str) -> float:
     """One OpenRLHF RM, one sample, no padding, fp32: OpenRLHF's loader and RewardDataset's formatting
     (text + " " + eos, eos forced last), written out independently of the plugin's scoring code."""
-    from openrlhf.models import get_llm_for_sequence_regression
-
     model = get_llm_for_sequence_regression(str(path), "reward", attn_implementation="eager").float().eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = tok(text.rstrip("\n") + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
@@ -101,3 +130,123 @@ def execute(executor, engine: HFEngine, prompt: str, label=None, max_new_tokens:
 
     params = SamplingParams(max_tokens=max_new_tokens, logprobs=None)
     return asyncio.run(executor.execute(prompt, label, params, 64, engine.tokenizer, engine))
+
+
+def launch_argv(policy, objectives_file, attn: str = "eager") -> list[str]:
+    """A launch of backbone 0 of B(0.7): rollout batches of 4 in micro-batches of 2, REINFORCE without
+    KL (no critic, no reference model: the reward path only)."""
+    argv = ["--actor.model_name_or_path", str(policy), "--objectives", str(objectives_file)]
+    argv += ["--ds.attn_implementation", attn, "--algo.advantage.estimator", "reinforce"]
+    argv += ["--rollout.micro_batch_size", "2", "--rollout.batch_size", "4", "--algo.kl.init_coef", "0"]
+    return argv + ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
+
+
+@ray.remote
+class RolloutStandIn:
+    """OpenRLHF's vLLM engine actor for one purpose: run its SingleTurnAgentExecutor, built with train()'s
+    remote_rm_url, on each prompt. HF generate on CPU stands in for vLLM."""
+
+    def __init__(self, policy_path: str, remote_rm_url):
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+        self.engine = HFEngine(policy_path)
+        self.executor = SingleTurnAgentExecutor(remote_rm_url)
+
+    def generate(self, prompt: str, label) -> dict:
+        return execute(self.executor, self.engine, prompt, label)
+
+    def models_loaded(self) -> list[str]:
+        from transformers import PreTrainedModel
+
+        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+        inner = {id(m) for o in models for m in o.modules() if m is not o}  # LlamaModel inside LlamaForCausalLM
+        return sorted(type(o).__name__ for o in models if id(o) not in inner)
+
+
+@ray.remote(num_gpus=0)
+class CpuPolicyActor(BaseModelActor):
+    """Log-probs on CPU: ReferenceModelActor.forward without torch.cuda (not part of the reward path)."""
+
+    def init(self, strategy, path):
+        self.strategy = strategy
+        self.model = Actor(path, attn_implementation="eager", param_dtype="bf16")
+        self.model.eval()
+
+    def forward(self, sequences, action_mask=None, attention_mask=None, **kwargs):
+        with torch.no_grad():
+            return self.model(sequences, action_mask, attention_mask).to("cpu")
+
+
+@ray.remote
+def make_experiences(strategy, steps: list[list[Experience]], rewards: RayActorGroup | None) -> list[list[Experience]]:
+    """The PPO trainer's role, in a hooked worker: upstream's RemoteExperienceMaker with the reward group
+    (None on the reward_func route), as train() hands it to the trainer; one make_experience_batch per step."""
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+
+    policy_group = RayActorGroup(1, 1, CpuPolicyActor, num_gpus_per_actor=0)
+    ray.get(policy_group.async_run_method("init", strategy, strategy.args.actor.model_name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(strategy.args.actor.model_name_or_path)
+    maker = RemoteExperienceMaker(policy_group, None, rewards, None, FixedKLController(0.0), strategy, tokenizer)
+    return [maker.make_experience_batch(samples) for samples in steps]
+
+
+def rollout_steps(args, policy_path, steps=STEPS, env: dict | None = None):
+    """Each step's Experiences, from the stand-in engine as SamplesGenerator turns responses into them;
+    also the last step's responses and the models the stand-in's process holds."""
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    engine = RolloutStandIn.options(**options).remote(str(policy_path), args.reward.remote_url)
+    generator = SamplesGenerator(get_strategy(args), None, None, AutoTokenizer.from_pretrained(str(policy_path)), [])
+    made = []
+    for step in steps:
+        responses = ray.get([engine.generate.remote(p, label) for p, label in step])
+        made.append([generator._process_response_into_experience(r, max_len=64) for r in responses])
+    return made, responses, ray.get(engine.models_loaded.remote())
+
+
+def queries_of(tokenizer, experiences) -> list[str]:
+    """OpenRLHF's query per sample: the rollout ids decoded with special tokens kept."""
+    return [tokenizer.decode(e.sequences[0], skip_special_tokens=False) for e in experiences]
+
+
+def format_reward(queries: list[str], labels: list) -> list[float]:
+    """RULES, written out: the query's length, plus 5 for the label "bonus"."""
+    return [len(q) + (5.0 if label == "bonus" else 0.0) for q, label in zip(queries, labels, strict=True)]
+
+
+def by_hand(raw_steps: list[np.ndarray], how: list, weights: list[float]) -> list[np.ndarray]:
+    """Each step's rewards from its raw values (samples, n): fixed and running normalisation, running
+    statistics over every sample of this and the earlier steps, then the weighted sum."""
+    out, seen = [], []
+    for raw in raw_steps:
+        seen.append(raw)
+        history = np.concatenate(seen)
+        values = raw.copy()
+        for i, h in enumerate(how):
+            if isinstance(h, dict):
+                values[:, i] = (raw[:, i] - h["mean"]) / h["std"]
+            elif h == "running":
+                values[:, i] = (raw[:, i] - history[:, i].mean()) / history[:, i].std()
+        out.append(values @ np.asarray(weights))
+    return out
+
+
+def logged(experiences: list[Experience], key: str) -> np.ndarray:
+    return torch.cat([e.info[key] for e in experiences]).double().numpy()
+
+
+def plain_raw(policy, rm, classifier, samples: list[Experience], device="cpu", attn="eager") -> np.ndarray:
+    """(N, 2) raw values of single-sample rollouts for an OpenRLHF RM on the policy's ids (helpful) and
+    an HF classifier's label 1 on the text re-encoded with its own tokenizer (polite): each model's
+    plain forward (OpenRLHF's loader / transformers, bf16, no DeepSpeed), one sample at a time, unpadded."""
+    reward_model = get_llm_for_sequence_regression(str(rm), "reward", attn_implementation=attn).to(device).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(classifier), dtype=torch.bfloat16, attn_implementation=attn
+    )
+    model = model.to(device).eval()
+    own, policy_tok = AutoTokenizer.from_pretrained(str(classifier)), AutoTokenizer.from_pretrained(str(policy))
+    texts = [policy_tok.decode(e.sequences[0], skip_special_tokens=True) for e in samples]
+    with torch.no_grad():
+        helpful = [reward_model(e.sequences.to(device), e.attention_mask.to(device)).float().item() for e in samples]
+        polite = [model(**own(t, return_tensors="pt").to(device)).logits[0, 1].float().item() for t in texts]
+    return np.stack([helpful, polite], axis=1)

@@ -15,12 +15,12 @@
 
 OpenRLHF's policy actor needs DeepSpeed on a GPU (setup_distributed); log-probs here come from a CPU
 actor that runs openrlhf.models.Actor as ReferenceModelActor.forward does. Nothing of the reward path
-is replaced.
+is replaced. The stand-in engine, the CPU policy actor, the trainer's role and the reward written out
+by hand are in tests/rollouts.py: tests/gpu/test_reward_path_gpu.py runs the same path on CUDA.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import runpy
 import sys
@@ -30,40 +30,15 @@ import pytest
 import ray
 import rollouts
 import torch
-from openrlhf.models import Actor, get_llm_for_sequence_regression
-from openrlhf.trainer.ppo_utils.experience import Experience
-from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
-from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
+from openrlhf.trainer.ray.launcher import RayActorGroup
 from openrlhf.utils import get_strategy
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from rollouts import RULES, by_hand, format_reward, logged, queries_of
+from transformers import AutoTokenizer
 
 from openrlhf_bonesoup.integration import actor as bonesoup_actor
 from openrlhf_bonesoup.integration import launcher, worker
 
-PROMPTS = [
-    ("Human: How do I bake bread? Assistant:", "bonus"),
-    ("Human: Tell me a joke. Assistant:", None),
-    ("Human: How can I stay safe online? Assistant:", "bonus"),
-    ("Summarize: a fox. TL;DR:", None),
-    ("Human: Please be helpful. Assistant:", None),
-    ("The weather today is", "bonus"),
-    ("Human: Why is the sky blue? Assistant:", None),
-    ("Human: I cannot help with that request. Assistant:", None),
-]
-STEPS = [PROMPTS[:4], PROMPTS[4:]]  # two PPO steps of rollout batch 4, micro-batches of 2
-RULES = """
-def reward_func(queries, prompts, labels):
-    # reads the dataset label: the length of the query, plus 5 when the label says "bonus"
-    return [len(q) + (5.0 if label == "bonus" else 0.0) for q, label in zip(queries, labels)]
-"""
 WEIGHTS = [0.7, 0.1, 0.1, 0.1]  # row 0 of B(0.7) for n = 4
-
-
-def openrlhf_argv(tiny, objectives_file):
-    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--objectives", str(objectives_file)]
-    argv += ["--ds.attn_implementation", "eager", "--algo.advantage.estimator", "reinforce"]
-    argv += ["--rollout.micro_batch_size", "2", "--rollout.batch_size", "4", "--algo.kl.init_coef", "0"]
-    return argv + ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +55,8 @@ def cluster(tiny, tmp_path_factory):
         ]
         (folder / "mixed.yaml").write_text(json.dumps(models + [remote, format_]))
         (folder / "no_model.yaml").write_text(json.dumps([remote, format_]))
-        mixed_plan, mixed = launcher.resolve(openrlhf_argv(tiny, folder / "mixed.yaml"))
-        argv = openrlhf_argv(tiny, folder / "no_model.yaml")
+        mixed_plan, mixed = launcher.resolve(rollouts.launch_argv(tiny["policy"], folder / "mixed.yaml"))
+        argv = rollouts.launch_argv(tiny["policy"], folder / "no_model.yaml")
         argv[argv.index("0.7") - 1 :] = ["--reward_combiner", "linear", "--reward_weights", "0.6,0.4"]
         _, no_model = launcher.resolve(argv)
         for module in (sys.modules[__name__], rollouts):  # tests/ is not on the workers' path
@@ -143,127 +118,28 @@ def test_train_ppo_ray_builds_the_reward_group_from_our_actor(cluster):
         ray.get(refs)
 
 
-@ray.remote
-class RolloutStandIn:
-    """OpenRLHF's vLLM engine actor for one purpose: run its SingleTurnAgentExecutor, built with train()'s
-    remote_rm_url, on each prompt. HF generate stands in for vLLM (no GPU here)."""
-
-    def __init__(self, policy_path: str, remote_rm_url):
-        from openrlhf.utils.agent import SingleTurnAgentExecutor
-
-        self.engine = rollouts.HFEngine(policy_path)
-        self.executor = SingleTurnAgentExecutor(remote_rm_url)
-
-    def generate(self, prompt: str, label) -> dict:
-        return rollouts.execute(self.executor, self.engine, prompt, label)
-
-    def models_loaded(self) -> list[str]:
-        from transformers import PreTrainedModel
-
-        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
-        inner = {id(m) for o in models for m in o.modules() if m is not o}  # LlamaModel inside LlamaForCausalLM
-        return sorted(type(o).__name__ for o in models if id(o) not in inner)
-
-
-@ray.remote(num_gpus=0)
-class CpuPolicyActor(BaseModelActor):
-    """Log-probs on CPU: ReferenceModelActor.forward without torch.cuda (DeepSpeed needs a GPU)."""
-
-    def init(self, strategy, path):
-        self.strategy = strategy
-        self.model = Actor(path, attn_implementation="eager", param_dtype="bf16")
-        self.model.eval()
-
-    def forward(self, sequences, action_mask=None, attention_mask=None, **kwargs):
-        with torch.no_grad():
-            return self.model(sequences, action_mask, attention_mask).to("cpu")
-
-
-@ray.remote
-def make_experiences(strategy, steps: list[list[Experience]], reward_actors: int) -> list[list[Experience]]:
-    """The PPO trainer's role, in a hooked worker: upstream's RemoteExperienceMaker, one call per step."""
-    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
-    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
-
-    rewards = None
-    if reward_actors:  # as train() builds it when --reward.remote_url is not set
-        rewards = RayActorGroup(reward_actors, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
-        ray.get(rewards.async_run_method("load_objectives", strategy, strategy.args.reward.model_name_or_path))
-    policy_group = RayActorGroup(1, 1, CpuPolicyActor, num_gpus_per_actor=0)
-    ray.get(policy_group.async_run_method("init", strategy, strategy.args.actor.model_name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(strategy.args.actor.model_name_or_path)
-    maker = RemoteExperienceMaker(policy_group, None, rewards, None, FixedKLController(0.0), strategy, tokenizer)
-    return [maker.make_experience_batch(samples) for samples in steps]
-
-
-def rollout_steps(args, tiny, env: dict | None = None):
-    """Each step's Experiences, from the stand-in engine as SamplesGenerator turns responses into them."""
-    options = {"runtime_env": {"env_vars": env}} if env else {}
-    engine = RolloutStandIn.options(**options).remote(str(tiny["policy"]), args.reward.remote_url)
-    generator = SamplesGenerator(get_strategy(args), None, None, AutoTokenizer.from_pretrained(str(tiny["policy"])), [])
-    steps = []
-    for step in STEPS:
-        responses = ray.get([engine.generate.remote(p, label) for p, label in step])
-        steps.append([generator._process_response_into_experience(r, max_len=64) for r in responses])
-    return steps, responses, ray.get(engine.models_loaded.remote())
-
-
-def queries_of(tokenizer, experiences):
-    """OpenRLHF's query per sample: the rollout ids decoded with special tokens kept."""
-    return [tokenizer.decode(e.sequences[0], skip_special_tokens=False) for e in experiences]
-
-
-def format_reward(queries: list[str], labels: list) -> list[float]:
-    """RULES, written out: the query's length, plus 5 for the label "bonus"."""
-    return [len(q) + (5.0 if label == "bonus" else 0.0) for q, label in zip(queries, labels, strict=True)]
-
-
-def by_hand(raw_steps: list[np.ndarray], how: list, weights: list[float]) -> list[np.ndarray]:
-    """Each step's rewards from its raw values (samples, n): fixed and running normalisation, running
-    statistics over every sample of this and the earlier steps, then the weighted sum."""
-    out, seen = [], []
-    for raw in raw_steps:
-        seen.append(raw)
-        history = np.concatenate(seen)
-        values = raw.copy()
-        for i, h in enumerate(how):
-            if isinstance(h, dict):
-                values[:, i] = (raw[:, i] - h["mean"]) / h["std"]
-            elif h == "running":
-                values[:, i] = (raw[:, i] - history[:, i].mean()) / history[:, i].std()
-        out.append(values @ np.asarray(weights))
-    return out
-
-
-def logged(experiences: list[Experience], key: str) -> np.ndarray:
-    return torch.cat([e.info[key] for e in experiences]).double().numpy()
-
-
 def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny):
     args = cluster["mixed"]
-    steps, _, models = rollout_steps(args, tiny)
+    steps, _, models = rollouts.rollout_steps(args, tiny["policy"])
     assert models == ["LlamaForCausalLM"]  # the rollout process holds its policy, never a reward model
 
-    made = ray.get(make_experiences.remote(get_strategy(args), steps, 2))
+    # Two reward actors (num_gpus=0: no DeepSpeed here), as train() builds its reward group.
+    strategy = get_strategy(args)
+    rewards = RayActorGroup(2, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
+    ray.get(rewards.async_run_method("load_objectives", strategy, args.reward.model_name_or_path))
+    made = ray.get(rollouts.make_experiences.remote(strategy, steps, rewards))
     names = ["helpful", "polite", "remote", "format"]
     policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
-    helpful_rm = get_llm_for_sequence_regression(str(tiny["rm_llama"]), "reward", attn_implementation="eager").eval()
-    classifier = AutoModelForSequenceClassification.from_pretrained(str(tiny["classifier"]), dtype=torch.bfloat16)
-    classifier_tok = AutoTokenizer.from_pretrained(str(tiny["classifier"]))
     raw_steps = []
     for samples, experiences in zip(steps, made, strict=True):
         assert len(experiences) == 2  # micro-batches of 2, one to each reward actor
         # Raw values, each computed here from its definition, one sample at a time, unpadded.
         queries = queries_of(policy, samples)
-        texts = [policy.decode(e.sequences[0], skip_special_tokens=True) for e in samples]
         labels = [e.labels[0] for e in samples]
-        with torch.no_grad():
-            helpful = [helpful_rm(e.sequences, e.attention_mask).float().item() for e in samples]
-            polite = [classifier(**classifier_tok(t, return_tensors="pt")).logits[0, 1].float().item() for t in texts]
+        plain = rollouts.plain_raw(tiny["policy"], tiny["rm_llama"], tiny["classifier"], samples)
         remote = rollouts.post(cluster["url"], queries)
         got = np.stack([logged(experiences, f"reward_raw/{n}") for n in names], axis=1)
-        np.testing.assert_allclose(got[:, 0], helpful, atol=5e-3)  # bf16: batched and padded vs one by one
-        np.testing.assert_allclose(got[:, 1], polite, atol=5e-3)
+        np.testing.assert_allclose(got[:, :2], plain, atol=5e-3)  # bf16: batched and padded vs one by one
         np.testing.assert_allclose(got[:, 2], remote, atol=5e-3)
         np.testing.assert_allclose(got[:, 3], format_reward(queries, labels))  # the labels reached the reward_func
         raw_steps.append(got)
@@ -279,11 +155,11 @@ def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny)
 def test_reward_func_route_combines_the_raw_values_in_the_trainer(cluster, tiny):
     args = cluster["no_model"]
     env = {worker.CONFIG_ENV: json.dumps(args.bonesoup)}  # what this launch's runtime_env would carry
-    steps, responses, models = rollout_steps(args, tiny, env)
+    steps, responses, models = rollouts.rollout_steps(args, tiny["policy"], env=env)
     assert models == ["LlamaForCausalLM"]  # our reward_func file loaded no model in the rollout process
     assert set(responses[0]["extra_logs"]) == {"reward_raw/remote", "reward_raw/format"}
 
-    made = ray.get(make_experiences.remote(get_strategy(args), steps, 0))
+    made = ray.get(rollouts.make_experiences.remote(get_strategy(args), steps, None))
     policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
     raw_steps = []
     for samples, experiences in zip(steps, made, strict=True):

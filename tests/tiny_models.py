@@ -2,7 +2,8 @@
 
 Two tokenizer families, so that tests can tell shared-tokenizer objectives from ones that need
 text bridging: "llama" (byte-level BPE, <s>/</s>/<pad>) and "gpt2" (another vocabulary and
-special tokens, <|endoftext|>). Models are LLaMA or GPT-2 configs a few thousand parameters big.
+special tokens, <|endoftext|>). Models are LLaMA or GPT-2 configs a few thousand parameters big;
+the GPU tests build them with hidden size 256 (see tests/conftest.py, `tiny_gpu`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ def make_tokenizer(path: str | Path, family: str = "llama") -> PreTrainedTokeniz
     return tok
 
 
-def make_llama_lm(path: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, dtype=torch.float32):
-    """A 2-layer LLaMA causal LM (the policy / SFT model), saved as safetensors with its tokenizer."""
+def make_llama_lm(
+    path: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, dtype=torch.float32, hidden_size: int = 32
+):
+    """A 2-layer LLaMA causal LM (the policy / SFT model), 4 heads, saved as safetensors with its tokenizer."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -109,12 +112,14 @@ def make_openrlhf_rm(path: str | Path, lm_path: str | Path, seed: int = 0) -> No
     PreTrainedTokenizerFast.from_pretrained(str(lm_path)).save_pretrained(str(path))
 
 
-def make_hf_classifier(path: str | Path, tokenizer: PreTrainedTokenizerFast, num_labels: int = 2, seed: int = 0):
-    """A plain HF AutoModelForSequenceClassification (GPT-2) with its own tokenizer."""
+def make_hf_classifier(
+    path: str | Path, tokenizer: PreTrainedTokenizerFast, num_labels: int = 2, seed: int = 0, hidden_size: int = 32
+):
+    """A plain HF AutoModelForSequenceClassification (GPT-2, 4 heads) with its own tokenizer."""
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_embd=32,
+        n_embd=hidden_size,
         n_layer=2,
         n_head=4,
         n_positions=256,
