@@ -43,3 +43,19 @@ def test_readme_coefficients_example_prints_what_it_shows(capsys):
     block = re.search(r"```bash\n(openrlhf-bonesoup coefficients .*?)\n# (.*?)\n```", readme, re.S)
     assert main(block.group(1).split()[1:]) == 0
     assert capsys.readouterr().out.strip() == block.group(2)
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages += [ROOT / "examples" / "README.md", ROOT / "patches" / "README.md", ROOT / "benchmarks" / "README.md"]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#", 1)[0]
+            if path and not re.match(r"[a-z]+://", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
