@@ -32,6 +32,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -368,17 +369,24 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
     pool = [threading.Thread(target=work, daemon=True) for _ in range(job["threads"])]
     flushed = threading.Event()
     flusher = threading.Thread(target=flush, daemon=True)
+    started: list[threading.Thread] = []
     try:
-        for thread in [*pool, flusher]:
-            thread.start()
+        # SIGTERM and Ctrl-C wait until every thread has started: one raised between two starts
+        # would leave a running thread that the clean-up below does not join.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for thread in [*pool, flusher]:
+                thread.start()
+                started.append(thread)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for thread in pool:
             thread.join()
     finally:
         stop.set()  # an exception here (SIGTERM, Ctrl-C) stops the workers after their current chunk
         flushed.set()
-        for thread in [*pool, flusher]:
-            if thread.ident is not None:  # a signal may land while the threads are being started
-                thread.join()
+        for thread in started:
+            thread.join()
         torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)
