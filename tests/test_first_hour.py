@@ -170,3 +170,44 @@ def test_merge_into_a_folder_that_cannot_exist_is_one_line(tiny, tmp_path):
     ckpt = tiny["policy"]
     r = run("merge", "--backbones", f"{ckpt},{ckpt}", "--preference", "0.5,0.5", "--output", tmp_path / "a_file" / "m")
     one_line_error(r, "a_file")
+
+
+# --- install, soups, merge output ------------------------------------------------------------------
+
+
+def test_importing_torch_prints_nothing():
+    # pynvml (a wrapper package) made every torch import warn; the install puts nvidia-ml-py in its place.
+    r = subprocess.run([sys.executable, "-c", "import torch, transformers"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_a_failing_install_step_is_loud(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "install-cpu.sh"
+    env = {**os.environ, "VENV": str(tmp_path / "venv"), "PYTHON": "/bin/false"}
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "install-cpu.sh: FAILED while installing the virtual environment" in r.stderr
+
+
+def test_a_missing_soup_names_the_commands_that_make_one(tmp_path):
+    one_line_error(
+        run("soup", "show", "--soup_dir", tmp_path / "soup"), "`openrlhf-bonesoup soup init` and `soup register`"
+    )
+
+
+def test_the_merge_line_names_alpha_and_the_sft_weight(tiny, tmp_path):
+    ckpt = tiny["policy"]
+    r = run(
+        "merge",
+        "--backbones",
+        f"{ckpt},{ckpt}",
+        "--preference",
+        "0.3,0.7",
+        "--sft",
+        ckpt,
+        "--alpha",
+        "0.2",
+        "--output",
+        tmp_path / "m",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lambda [0. 1.], alpha 0.2, backbone weights [0.  1.2], SFT weight -0.2" in r.stdout
