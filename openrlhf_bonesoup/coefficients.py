@@ -173,3 +173,9 @@ def preference_sweep(n: int, grid: int | None = None, text: str | None = None) -
     if grid is not None:
         return [mu.tolist() for mu in preference_grid(grid, n)]
     return parse_preferences(text, n)
+
+
+def clean(values: np.ndarray | Sequence[float] | float) -> list[float] | float:
+    """Coefficients as a record or a console shows them: 12 decimals, so 0.3 and not 0.30000000000000004,
+    0 and not -7.9e-17 from the solve (never used for the arithmetic itself)."""
+    return (np.round(np.asarray(values, dtype=np.float64), 12) + 0.0).tolist()

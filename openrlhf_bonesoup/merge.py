@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup import lora
-from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, merge_coefficients, soup_weights
+from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, clean, merge_coefficients, soup_weights
 from openrlhf_bonesoup.merge_engine import merge_checkpoints
 
 
@@ -94,11 +94,6 @@ def soup_row(matrix: np.ndarray, mu: Sequence[float], alpha: float | Sequence[fl
     """The weight of each input of soup_inputs for preference mu: (1 + alpha) lambda, then -alpha."""
     backbone_w, sft_w = soup_weights(matrix, mu, alpha)
     return [*backbone_w.tolist(), sft_w] if sft else backbone_w.tolist()
-
-
-def clean(values: np.ndarray) -> list[float]:
-    """Coefficients as a record shows them: 12 decimals, so 0.3 not 0.30000000000000004, 0 not -7.9e-17."""
-    return (np.round(np.asarray(values, dtype=np.float64), 12) + 0.0).tolist()
 
 
 def preference_name(mu: Sequence[float]) -> str:

@@ -61,6 +61,7 @@ from openrlhf_bonesoup import checkpoints, lora, merge
 from openrlhf_bonesoup.coefficients import (
     BoneSoupError,
     check_preference,
+    clean,
     merge_coefficients,
     parse_floats,
 )
@@ -112,9 +113,9 @@ class Soup:
         weights = merge.soup_row(self.matrix, mu, self.alpha, self.sft)
         info = {
             "preference": list(mu),
-            "lambda": merge.clean(merge_coefficients(self.matrix, mu)),
+            "lambda": clean(merge_coefficients(self.matrix, mu)),
             "alpha": self.alpha,
-            "weights": merge.clean(weights[: self.n]),
+            "weights": clean(weights[: self.n]),
             "sft_weight": weights[self.n] if self.sft else None,
         }
         return weights, info

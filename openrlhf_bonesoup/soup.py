@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix
+from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, clean
 
 MANIFEST = "soup.json"
 FORMAT = "openrlhf-bonesoup/soup/v1"
@@ -83,7 +83,7 @@ def init_soup(
         "objectives": [dict(o) for o in objectives],
         "beta": float(beta),
         "n": int(matrix.shape[0]),
-        "matrix": (np.round(matrix, 12) + 0.0).tolist(),  # 0.3, not 0.30000000000000004
+        "matrix": clean(matrix),
         "sft": sft,
     }
     with _locked(soup_dir):

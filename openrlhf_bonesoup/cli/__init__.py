@@ -72,14 +72,14 @@ def cmd_coefficients(args: argparse.Namespace) -> int:
         weights, sft_weight = coefficients.extrapolation_weights(lam, args.alpha)
         out["lambda_extrapolated"] = weights.tolist()
         out["sft_weight"] = sft_weight
-    out = {k: np.round(v, 12) + 0.0 for k, v in out.items()}  # 0.3, not 0.30000000000000004; 0, not -7.9e-17
+    out = {k: coefficients.clean(v) for k, v in out.items()}
     if args.json:
-        print(json.dumps({k: v.tolist() for k, v in out.items()}))
+        print(json.dumps(out))
         return 0
     with np.printoptions(precision=6, suppress=True):
         print(f"B (n = {len(mu)}):\n{matrix}")
         print(f"preference mu: {np.asarray(mu)}")
-        print(f"lambda = B^-1 mu: {out['lambda']}")
+        print(f"lambda = B^-1 mu: {np.asarray(out['lambda'])}")
         if args.alpha is not None:
             print(
                 f"with alpha = {args.alpha:g}: backbone weights {np.asarray(out['lambda_extrapolated'])}, "
@@ -140,13 +140,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
     with np.printoptions(precision=6, suppress=True):
         for mu, path in zip(preferences, paths, strict=True):
-            lam = np.asarray(merge.clean(coefficients.merge_coefficients(matrix, mu)))  # no "-0." from rounding
+            lam = np.asarray(coefficients.clean(coefficients.merge_coefficients(matrix, mu)))  # no "-0."
             line = f"{path}: mu {np.asarray(mu)}, lambda {lam}"
             if np.any(np.asarray(alpha, dtype=np.float64)):
                 weights, sft_weight = coefficients.soup_weights(matrix, mu, alpha)
-                line += (
-                    f", alpha {alpha}, backbone weights {np.asarray(merge.clean(weights))}, SFT weight {sft_weight:.6g}"
-                )
+                weights = np.asarray(coefficients.clean(weights))
+                line += f", alpha {alpha}, backbone weights {weights}, SFT weight {sft_weight:.6g}"
             print(line)
     return 0
 
