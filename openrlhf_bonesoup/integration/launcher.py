@@ -15,6 +15,9 @@ Ray placement, vLLM rollouts and trainer run as they are. Two seams, both in thi
 - `openrlhf.trainer.ray.launcher.RewardModelActor`: train_ppo_ray imports this name at import time,
   so it is swapped for ours before runpy and restored after.
 
+With `--cpu` the same launch runs on a machine without a GPU (integration/cpu.py): its own local Ray
+with declared GPUs, DeepSpeed's CPU accelerator, vLLM's CPU build, weight sync on gloo.
+
 After train() returns (the model is saved), the backbone goes to the post-training hook. The upstream
 patch (patches/) reaches `main` from OpenRLHF's own train_ppo_ray through `add_arguments` / `requested`.
 """
@@ -35,7 +38,7 @@ from typing import Any
 
 from openrlhf_bonesoup import coefficients, combiners, objectives, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.integration import worker
+from openrlhf_bonesoup.integration import cpu, worker
 
 UPSTREAM = "openrlhf.cli.train_ppo_ray"
 PROG = "python -m openrlhf_bonesoup.cli.train_ppo_ray"
@@ -93,6 +96,13 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dry_run", "--launcher.dry_run", dest="dry_run", action="store_true", help="print what would run and exit"
     )
+    group.add_argument(
+        "--cpu",
+        "--launcher.cpu",
+        dest="cpu",
+        action="store_true",
+        help="rehearse on this machine without a GPU (tiny models): own local Ray, DeepSpeed on CPU, vLLM's CPU build",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         ours, rest = _parse(argv)
+        if ours.cpu:  # before OpenRLHF imports deepspeed (it picks its accelerator at import) or any CUDA site
+            os.environ[cpu.ENV] = "1"
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            cpu.apply()
         if ours.dry_run:
             # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
             with _gpu_modules_for_parsing(), contextlib.redirect_stdout(sys.stderr):
@@ -277,7 +291,8 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     # manifest and the post-training hook look.
     output_dir = args.ckpt.output_dir = str(Path(args.ckpt.output_dir).resolve())
     launch.update(backbone_index=backbone_index, output_dir=output_dir, merge_preferences=preferences)
-    env = runtime_env(args.bonesoup)
+    cpu_changes = _cpu_settings(args) if ours.cpu else None
+    env = runtime_env(args.bonesoup, cpu_launch=ours.cpu)
     if ours.dry_run:
         raise DryRun(
             {
@@ -291,6 +306,7 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
                 "soup_dir": ours.soup_dir,
                 "merge_preferences": preferences,
                 "runtime_env": env,
+                "cpu": cpu_changes,
             },
             args,
         )
@@ -298,7 +314,7 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         _register(ours, specs, args, argv, backbone_index, output_dir)
     if critic_defaulted:
         print(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {args.actor.model_name_or_path}")
-    _start_ray(env)
+    _start_ray(env, _cpu_gpus(args) if ours.cpu else None)
     return args
 
 
@@ -349,7 +365,50 @@ def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index
     )
 
 
-def runtime_env(config: dict) -> dict:
+# Options that cannot run under --cpu: each needs a CUDA kernel, allocator or library.
+CPU_REFUSED = {
+    "ds.packing_samples": "packing needs flash-attn's variable-length CUDA kernels",
+    "train.dynamic_batch_enable": "dynamic batching turns on packing, which needs flash-attn's CUDA kernels",
+    "vllm.enable_sleep": "sleep modes free and restore CUDA memory pools",
+    "ds.enable_sleep": "sleep modes free and restore CUDA memory pools",
+    "vllm.sync_with_ray": "Ray collectives need NCCL or pygloo; --cpu syncs weights on vLLM's gloo group",
+    "ds.load_in_4bit": "4-bit loading needs bitsandbytes' CUDA kernels",
+}
+
+
+def _cpu_settings(args) -> dict:
+    """--cpu: refuse what needs CUDA, then set what fits a CPU machine. Returns {option: [was, now]}."""
+    for option, why in CPU_REFUSED.items():
+        group, name = option.split(".")
+        if getattr(getattr(args, group), name):
+            raise BoneSoupError(f"--{option} cannot run with --cpu: {why}")
+    if args.ds.ring_attn_size > 1:
+        raise BoneSoupError("--ds.ring_attn_size > 1 cannot run with --cpu: ring attention needs flash-attn's kernels")
+    changes = {}
+
+    def change(group, name: str, value) -> None:
+        was = getattr(group, name)
+        if was != value:
+            setattr(group, name, value)
+            changes[f"{'vllm' if group is args.vllm else 'ds'}.{name}"] = [was, value]
+
+    change(args.vllm, "sync_backend", "gloo")  # upstream's default, NCCL, needs GPUs
+    if "flash" in args.ds.attn_implementation:  # upstream's default: flash_attention_2, a CUDA kernel
+        change(args.ds, "attn_implementation", "eager")
+    # On vLLM's CPU build this is the share of RAM for the KV cache: upstream's default 0.95 is refused.
+    if args.vllm.gpu_memory_utilization > 0.2:
+        change(args.vllm, "gpu_memory_utilization", 0.05)
+    return changes
+
+
+def _cpu_gpus(args) -> int:
+    """GPUs to declare on the --cpu local Ray: one per actor and vLLM rank, so every placement fits."""
+    groups = (args.actor, args.ref, args.critic, args.reward)
+    vllm = args.vllm.num_engines * args.vllm.tensor_parallel_size
+    return sum(g.num_nodes * g.num_gpus_per_node for g in groups) + vllm
+
+
+def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     """Upstream train()'s runtime_env plus our setup hook and config, fit to a `ray job submit` job.
 
     Under `ray job submit --runtime-env-json`, Ray merges the job's runtime_env with ray.init's and
@@ -364,6 +423,8 @@ def runtime_env(config: dict) -> dict:
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
         worker.CONFIG_ENV: json.dumps(config),
     }
+    if cpu_launch:  # every Ray worker (and the vLLM processes they spawn) applies integration/cpu.py
+        env_vars.update({cpu.ENV: "1", "DS_ACCELERATOR": "cpu"})
     env = {"env_vars": env_vars, "worker_process_setup_hook": worker.HOOK}
     if JOB_CONFIG_ENV not in os.environ:
         return env
@@ -381,9 +442,14 @@ def runtime_env(config: dict) -> dict:
     return env
 
 
-def _start_ray(env: dict) -> None:
+def _start_ray(env: dict, cpu_gpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         raise BoneSoupError("Ray is already initialised in this process: the launcher must start it with its hook")
-    ray.init(runtime_env=env)
+    if cpu_gpus is None:
+        ray.init(runtime_env=env)
+        return
+    # --cpu: a new local cluster of this process (address="local": never a cluster already running here),
+    # with GPUs declared so that OpenRLHF's placement groups fit; vLLM's CPU build ignores them.
+    ray.init(address="local", num_cpus=cpu_gpus + 2, num_gpus=cpu_gpus, include_dashboard=False, runtime_env=env)

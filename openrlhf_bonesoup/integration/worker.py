@@ -34,6 +34,10 @@ ROUTE_REWARD_FUNC = "reward_func"  # no model: HTTP/function objectives via --re
 
 def setup() -> None:
     """The worker_process_setup_hook."""
+    from openrlhf_bonesoup.integration import cpu
+
+    if cpu.active():  # a --cpu launch: the CUDA-site replacements, in every worker
+        cpu.apply()
     _on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
     _on_import("openrlhf.utils.agent", _patch_agent)
 
