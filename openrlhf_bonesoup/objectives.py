@@ -268,6 +268,9 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
         objective.head = "openrlhf"
         _check_value_head(objective, config_dict.get("value_head_prefix", model_kwargs.get("value_head_prefix")))
         try:
+            from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+
+            provide_flash_attn_2_cuda()  # openrlhf.models imports flash_attn, whose CUDA part a CPU machine lacks
             from openrlhf.models import get_llm_for_sequence_regression
         except ImportError as e:
             raise BoneSoupError(

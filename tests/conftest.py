@@ -1,32 +1,30 @@
-"""Test set-up: CPU stand-ins for the two CUDA-only modules, and tiny local checkpoints.
+"""Test set-up: the plugin's empty `flash_attn_2_cuda` everywhere, and tiny local checkpoints.
 
-Stand-ins (see stand_ins/README.md): `flash_attn_2_cuda` and `vllm` cannot exist on a CPU
-machine, yet OpenRLHF imports them at import time. They always come *after* site-packages, so a
-real installed module is always found first: here by appending stand_ins/ to sys.path; in
-subprocesses and Ray workers through stand_ins/boot/sitecustomize.py (named in PYTHONPATH), which
-appends it once the interpreter's site directories are set. Everything else is the installed, real
-openrlhf 0.11.2 package.
+flash-attn's compiled CUDA extension cannot exist on a CPU machine, yet `import flash_attn` (so
+openrlhf.models) needs it. The plugin provides an empty one on machines without CUDA
+(openrlhf_bonesoup/integration/cpu.py, last on sys.meta_path: a real module always wins): here, and in
+subprocesses and Ray workers through tests/boot/sitecustomize.py (named in PYTHONPATH). Everything else is
+the installed, real openrlhf 0.11.2, vLLM (its CPU build), DeepSpeed and Ray.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-STAND_INS = TESTS / "stand_ins"
-STAND_INS_BOOT = STAND_INS / "boot"
+BOOT = TESTS / "boot"
 
-if str(STAND_INS) not in sys.path:
-    sys.path.append(str(STAND_INS))
+provide_flash_attn_2_cuda()
 _pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-if str(STAND_INS_BOOT) not in _pythonpath:
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_pythonpath, str(STAND_INS_BOOT)])
+if str(BOOT) not in _pythonpath:
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_pythonpath, str(BOOT)])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails at once
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -51,12 +51,12 @@ def test_evaluate_end_to_end(soup_dir, tiny, tmp_path, capsys):
     morlhf.write_text(json.dumps({"mean": [[-10.0, -10.0], [-9.0, -11.0]]}))
     out = tmp_path / "results"
     common = ["--soup_dir", str(soup_dir), "--prompts", str(root / "eval.jsonl"), "--output", str(out)]
-    common += ["--eval.max_new_tokens", "6", "--eval.batch_size", "2"]
+    common += ["--eval.max_new_tokens", "6", "--eval.batch_size", "2", "--eval.backend", "transformers"]
     assert main(["evaluate", *common, "--grid", "3", "--compare", f"morlhf={morlhf}"]) == 0
     assert "hypervolume" in capsys.readouterr().out
 
     r = json.loads((out / "results.json").read_text())
-    assert r["backend"] == "transformers" and not evaluate.vllm_usable()  # the vllm stand-in is not vLLM
+    assert r["backend"] == "transformers"  # as asked (the vLLM branch: tests/test_launch.py)
     assert r["objectives"] == ["rm_llama", "rm_gpt2"] and r["beta"] == 0.7 and r["label"] == "bone_soup"
     assert r["preferences"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
     means, sems = np.array(r["mean"]), np.array(r["sem"], dtype=float)
@@ -107,7 +107,7 @@ def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
         tmp_path,
         alpha="auto",
         alpha_prompts=root / "val.jsonl",
-        sampling={"max_new_tokens": 4, "batch_size": 2},
+        sampling={"max_new_tokens": 4, "batch_size": 2, "backend": "transformers"},
     )
     search = r["alpha_search"]
     assert search["validation_prompts"] == 2 and search["candidates"] == list(REFERENCE_ALPHAS)
@@ -170,14 +170,6 @@ def test_evaluate_refuses_bad_input(soup_dir, tmp_path, capsys):
     assert not (tmp_path / "models").exists()
 
 
-def test_the_vllm_stand_in_is_never_taken_for_vllm(monkeypatch):
-    import vllm  # the CPU stand-in (tests/stand_ins), as OpenRLHF imports it here
-
-    assert getattr(vllm, "STAND_IN", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with a GPU present
-    assert evaluate.vllm_usable() is False
-
-
 def test_merge_alpha_auto(soup_dir, tmp_path, capsys):
     root = soup_dir.parent
     out = tmp_path / "merged"
@@ -185,6 +177,7 @@ def test_merge_alpha_auto(soup_dir, tmp_path, capsys):
     assert main([*argv, "--alpha", "auto"]) == 2  # no validation split
     assert "--alpha_prompts" in capsys.readouterr().err
     argv += ["--alpha", "auto", "--alpha_prompts", str(root / "val.jsonl"), "--eval.max_new_tokens", "4"]
+    argv += ["--eval.backend", "transformers"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "per-objective alphas" in printed and str(out) in printed
@@ -209,7 +202,12 @@ def test_evaluate_a_lora_soup(tiny, tmp_path):
         soup.register_backbone(folder, j, status="trained", checkpoint=tmp_path / f"adapter{j}")
     (tmp_path / "p.jsonl").write_text(json.dumps({"input": PROMPTS[0]}) + "\n")
     r = evaluate.evaluate(
-        folder, [[0.3, 0.7]], tmp_path / "p.jsonl", tmp_path / "out", alpha=0.2, sampling={"max_new_tokens": 4}
+        folder,
+        [[0.3, 0.7]],
+        tmp_path / "p.jsonl",
+        tmp_path / "out",
+        alpha=0.2,
+        sampling={"max_new_tokens": 4, "backend": "transformers"},
     )
     merged = tmp_path / "out" / "models" / "mu_0.30_0.70"
     record = json.loads((merged / "bonesoup_merge.json").read_text())

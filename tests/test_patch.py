@@ -23,7 +23,6 @@ from openrlhf_bonesoup.integration import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = ROOT / "patches" / "openrlhf-0.11.2-bonesoup.patch"
-STAND_INS = Path(__file__).resolve().parent / "stand_ins"
 OURS = ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "1"]
 
 
@@ -110,7 +109,11 @@ def test_without_the_plugin_a_combiner_is_a_one_line_error(patched, tmp_path):
         "if not getattr(f, '__module__', '').startswith('__editable___openrlhf_bonesoup')]; "
         "runpy.run_module('openrlhf.cli.train_ppo_ray', run_name='__main__', alter_sys=True)"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(patched), str(STAND_INS)])}
+    # Without the plugin, nothing provides flash-attn's CUDA extension, which cannot exist here: an empty
+    # module file stands in for it (the one stand-in the tests allow), after the patched package.
+    (tmp_path / "cuda_ext").mkdir()
+    (tmp_path / "cuda_ext" / "flash_attn_2_cuda.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(patched), str(tmp_path / "cuda_ext")])}
     run = subprocess.run(
         [sys.executable, "-c", hide, *argv(tmp_path, *OURS)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

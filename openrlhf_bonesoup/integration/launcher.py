@@ -386,18 +386,25 @@ def _cpu_settings(args) -> dict:
         raise BoneSoupError("--ds.ring_attn_size > 1 cannot run with --cpu: ring attention needs flash-attn's kernels")
     changes = {}
 
-    def change(group, name: str, value) -> None:
-        was = getattr(group, name)
+    def change(option: str, value) -> None:
+        group, name = option.split(".")
+        was = getattr(getattr(args, group), name)
         if was != value:
-            setattr(group, name, value)
-            changes[f"{'vllm' if group is args.vllm else 'ds'}.{name}"] = [was, value]
+            setattr(getattr(args, group), name, value)
+            changes[option] = [was, value]
 
-    change(args.vllm, "sync_backend", "gloo")  # upstream's default, NCCL, needs GPUs
+    # A rehearsal of the recipe, not of its scale: every model group and vLLM runs as one process.
+    for group in ("actor", "ref", "critic", "reward"):
+        change(f"{group}.num_nodes", 1)
+        change(f"{group}.num_gpus_per_node", 1)
+    change("vllm.num_engines", 1)  # OpenRLHF 0.11 generates rollouts only through vLLM engines
+    change("vllm.tensor_parallel_size", 1)
+    change("vllm.sync_backend", "gloo")  # upstream's default, NCCL, needs GPUs
     if "flash" in args.ds.attn_implementation:  # upstream's default: flash_attention_2, a CUDA kernel
-        change(args.ds, "attn_implementation", "eager")
+        change("ds.attn_implementation", "eager")
     # On vLLM's CPU build this is the share of RAM for the KV cache: upstream's default 0.95 is refused.
     if args.vllm.gpu_memory_utilization > 0.2:
-        change(args.vllm, "gpu_memory_utilization", 0.05)
+        change("vllm.gpu_memory_utilization", 0.05)
     return changes
 
 

@@ -1,15 +1,14 @@
-"""evaluate's vLLM branch on a GPU: the same greedy responses, and so the same scores' order, as the
-transformers branch on a tiny soup; and one vLLM engine at a time across K preferences.
-
-Skipped without CUDA (tests/conftest.py) and without a real vllm: the CPU stand-in that
-tests/stand_ins puts behind the real module does not count (evaluate.vllm_usable tells them apart).
+"""evaluate's vLLM branch, for real (vLLM's CPU build in CI, its CUDA build on a GPU): the same greedy
+responses, and so the same scores' order, as the transformers branch on a tiny soup. One engine serves
+every preference, its weights reloaded in place for each: the responses change with the preference and
+each equals the transformers branch's for that preference's merged checkpoint.
 
 The backbones are tiny LLaMAs vLLM's kernels take (head size 64, float32) built so that greedy
 decoding cannot depend on rounding: each one's next token is a fixed permutation sigma_j of the last
 one, by a margin of ~100 logits (lm_head rows are the embeddings, permuted; the random layers add
-~5% to the residual stream). vLLM's Triton attention computes in TF32, transformers in float32;
-only a margin like this makes "same greedy text" a fair demand. Merging moves the argmax from
-sigma_0 to sigma_1 with the preference, so the responses differ between preferences.
+~5% to the residual stream). vLLM's attention computes in TF32 on a GPU, transformers in float32;
+only a margin like this makes "same greedy text" a fair demand. Merging moves the argmax from sigma_0
+to sigma_1 with the preference, so the responses differ between preferences.
 """
 
 import json
@@ -23,8 +22,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from openrlhf_bonesoup import evaluate, objectives, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
 
-pytestmark = pytest.mark.gpu
-
 PROMPTS = [
     "Human: How do I bake bread? Assistant:",
     "Human: Tell me a joke. Assistant:",
@@ -35,7 +32,6 @@ PROMPTS = [
 # whose lambda (0.5, 0.5) would tie sigma_0(t) and sigma_1(t).
 PREFERENCES = [[1.0, 0.0], [0.2, 0.8], [0.0, 1.0]]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "batch_size": 4}
-GiB = 2**30
 
 
 def _permutation_lm(path, tokenizer, seed: int) -> None:
@@ -73,8 +69,6 @@ def _permutation_lm(path, tokenizer, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def vllm_soup(tiny, tmp_path_factory):
-    if not evaluate.vllm_usable():
-        pytest.skip("vllm is not installed for real (the CPU stand-in in tests/stand_ins does not count)")
     root = tmp_path_factory.mktemp("vllm_soup")
     tokenizer = tiny_models.make_tokenizer(root / "tokenizer", "llama")
     folder = root / "soup"
@@ -101,29 +95,14 @@ def _pairwise_order(means: np.ndarray, tol: float = 1e-3) -> np.ndarray:
     return np.sign(np.where(np.abs(diff) < tol, 0.0, diff))
 
 
-def test_vllm_branch_matches_transformers_and_frees_each_engine(vllm_soup, tmp_path, monkeypatch):
+def test_vllm_branch_matches_transformers(vllm_soup, tmp_path):
     prompts = vllm_soup.parent / "prompts.jsonl"
-
-    # One engine at a time: the GPU's free memory is back after each preference's generation. An
-    # engine still alive would hold gpu_memory_utilization (60%) of the GPU.
-    free = []
-    generate_vllm = evaluate._generate_vllm
-
-    def measured(model_dir, texts, sampling):
-        before = torch.cuda.mem_get_info()[0]
-        out = generate_vllm(model_dir, texts, sampling)
-        free.append((before, torch.cuda.mem_get_info()[0]))
-        return out
-
-    monkeypatch.setattr(evaluate, "_generate_vllm", measured)
     with_vllm = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "vllm", sampling=GREEDY)
-    assert with_vllm["backend"] == "vllm" and len(free) == len(PREFERENCES)
-    for k, (before, after) in enumerate(free):
-        assert after > before - GiB, f"preference {k}: {(before - after) / GiB:.1f} GiB still held after generation"
+    assert with_vllm["backend"] == "vllm"
+    assert not evaluate._ENGINE  # the engine is shut down once the evaluation ends
 
-    # The same evaluation through transformers' generate (on the GPU too).
-    monkeypatch.setattr(evaluate, "vllm_usable", lambda: False)
-    with_hf = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "hf", sampling=GREEDY)
+    hf = {**GREEDY, "backend": "transformers"}
+    with_hf = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "hf", sampling=hf)
     assert with_hf["backend"] == "transformers"
 
     texts_vllm, texts_hf = _responses(tmp_path / "vllm"), _responses(tmp_path / "hf")

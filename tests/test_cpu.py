@@ -1,0 +1,184 @@
+"""integration/cpu.py: each CUDA-site replacement of `--cpu` is needed by the upstream code it names, and none
+is active without `--cpu`.
+
+Each site runs OpenRLHF's own code (DeepspeedStrategy.setup_distributed on a one-process gloo world, its
+replay buffer, its log-prob helper, its weight-sync group) in a fresh subprocess, as a Ray worker of a
+`--cpu` launch runs it: once with every replacement (it must work), once with that one left out (it must
+fail). The whole launch, with the weight sync into a real vLLM engine, is tests/test_launch.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from openrlhf_bonesoup.integration import cpu, launcher, worker
+
+# The upstream call each replacement stands for, run after `cpu.apply(...)`.
+SETUP = """
+import argparse, os
+from openrlhf.utils.deepspeed import DeepspeedStrategy
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(PORT), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+ns = argparse.Namespace
+args = ns(ds=ns(param_dtype="bf16", ring_attn_size=1, tensor_parallel_size=1), train=ns(dynamic_batch_enable=False),
+          local_rank=-1)
+strategy = DeepspeedStrategy(args=args)
+strategy.setup_distributed()
+"""
+SITES = {
+    "torch.cuda.set_device": SETUP,  # deepspeed.py:97
+    # deepspeed.py:105-106 builds its mesh with init_device_mesh("cuda"): on gloo that works as it is
+    # (its groups take the world's backend), so it needs no replacement; the dp group is used below.
+    "torch.cuda.current_device": SETUP
+    + "assert strategy.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]\n"
+    + "torch.distributed.all_reduce(torch.ones(1), group=strategy.ds_device_mesh['dp'].get_group())",
+    "torch.cuda.synchronize": SETUP
+    + "from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync\n"
+    + "torch_dist_barrier_and_cuda_sync()",
+    "replay_buffer.target_device": """
+from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
+assert NaiveReplayBuffer(2).target_device == torch.device("cpu")
+""",
+    "torch.cuda.current_stream": "torch.cuda.current_stream()  # ppo_actor.py:436, the broadcast's stream",
+    "flash_attn.ops.triton.cross_entropy": """
+from openrlhf.models.utils import log_probs_from_logits
+logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+expected = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+assert torch.allclose(log_probs_from_logits(logits, labels).double(), expected, atol=1e-5)
+""",
+    # Two ranks in two threads of one process: a stateless group, rank 0 broadcasts, rank 1 receives.
+    "distributed_util.stateless_init_process_group": """
+import threading
+from openrlhf.utils import distributed_util
+received = torch.zeros(3)
+def rank(r):
+    group = distributed_util.stateless_init_process_group("127.0.0.1", PORT, r, 2, torch.device("cpu"))
+    tensor = torch.arange(3.0) if r == 0 else received
+    group.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+errors = []
+def run(r):
+    try:
+        rank(r)
+    except BaseException as e:
+        errors.append(e)
+threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+[t.start() for t in threads]; [t.join(120) for t in threads]
+assert not errors, errors
+assert received.tolist() == [0.0, 1.0, 2.0]
+from openrlhf.trainer.ray import ppo_actor  # ppo_actor.py:24 imports the name: it gets the replacement
+assert ppo_actor.stateless_init_process_group is distributed_util.stateless_init_process_group
+""",
+}
+
+
+def run_site(code: str, names: list[str]) -> subprocess.CompletedProcess:
+    port = 29500 + os.getpid() % 1000 + len(names)
+    script = f"""
+import torch
+from openrlhf_bonesoup.integration import cpu
+cpu.apply({names!r})
+PORT = {port}
+""" + textwrap.dedent(code)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", cpu.ENV: "1"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_every_site_runs_with_every_replacement():
+    code = SETUP + "\n".join(f"# --- {name}\n{snippet.replace(SETUP, '')}" for name, snippet in SITES.items())
+    done = run_site(code, list(cpu.REPLACEMENTS))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", sorted(SITES))
+def test_each_site_fails_without_its_replacement(name):
+    others = [n for n in cpu.REPLACEMENTS if n != name]
+    done = run_site(SITES[name], others)
+    assert done.returncode != 0, f"{name}: the upstream site ran without its replacement"
+
+
+def test_every_replacement_has_a_site_test():
+    # vllm_worker_wrap.update_weight runs only inside a vLLM engine: test_launch.py's weight-sync check.
+    assert set(cpu.REPLACEMENTS) - set(SITES) == {"vllm_worker_wrap.update_weight"}
+
+
+def test_nothing_is_replaced_without_cpu():
+    """The Ray hook and vLLM's plugin entry in a process without OPENRLHF_BONESOUP_CPU: upstream as it is."""
+    script = """
+import torch
+upstream = (torch.cuda.current_device, torch.cuda.set_device, torch.cuda.synchronize, torch.cuda.current_stream)
+from openrlhf_bonesoup.integration import cpu, worker
+worker.setup()
+cpu.vllm_plugin()
+from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+provide_flash_attn_2_cuda()  # the import stand-in only: openrlhf.models needs it on any CPU machine
+from openrlhf.utils import distributed_util
+from openrlhf.trainer.ppo_utils import replay_buffer
+from openrlhf.trainer.ray import ppo_actor, vllm_worker_wrap
+import flash_attn.ops.triton.cross_entropy  # importable: nothing blocks it
+assert (torch.cuda.current_device, torch.cuda.set_device, torch.cuda.synchronize, torch.cuda.current_stream) == upstream
+assert distributed_util.stateless_init_process_group.__module__ == "openrlhf.utils.distributed_util"
+assert ppo_actor.stateless_init_process_group is distributed_util.stateless_init_process_group
+assert replay_buffer.NaiveReplayBuffer.__init__.__module__ == "openrlhf.trainer.ppo_utils.replay_buffer"
+assert vllm_worker_wrap.WorkerWrap.update_weight.__module__ == "openrlhf.trainer.ray.vllm_worker_wrap"
+"""
+    env = {k: v for k, v in os.environ.items() if k != cpu.ENV}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def reward_funcs(tmp_path) -> str:
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.py").write_text("def reward_func(queries, prompts, labels):\n    return [0.0]\n")
+    return f"{tmp_path / 'a.py'},{tmp_path / 'b.py'}"
+
+
+def test_the_launcher_sets_cpu_only_with_cpu(tmp_path):
+    """--dry_run: without --cpu the Ray workers get no CPU switch and OpenRLHF's options are untouched;
+    with it, the switch and what --cpu changed (gloo weight sync, eager attention, the KV-cache share)."""
+    policy = tmp_path / "policy"
+    argv = ["--actor.model_name_or_path", str(policy), "--reward.model_name_or_path", reward_funcs(tmp_path)]
+    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
+    argv += ["--ckpt.output_dir", str(tmp_path / "ckpt"), "--logger.wandb.run_name", "run"]
+    plain, args = launcher.resolve(argv)
+    assert cpu.ENV not in plain["runtime_env"]["env_vars"] and plain["cpu"] is None
+    assert args.vllm.sync_backend == "nccl" and args.ds.attn_implementation == "flash_attention_2"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv, "--cpu", "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout)
+    assert plan["runtime_env"]["env_vars"][cpu.ENV] == "1"
+    assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
+    assert plan["cpu"] == {
+        **{f"{group}.num_gpus_per_node": [8, 1] for group in ("actor", "ref", "critic", "reward")},
+        "vllm.num_engines": [None, 1],
+        "vllm.sync_backend": ["nccl", "gloo"],
+        "ds.attn_implementation": ["flash_attention_2", "eager"],
+        "vllm.gpu_memory_utilization": [0.95, 0.05],
+    }
+
+
+@pytest.mark.parametrize(
+    "flag", ["--ds.packing_samples", "--vllm.enable_sleep", "--ds.enable_sleep", "--vllm.sync_with_ray"]
+)
+def test_options_that_need_cuda_are_refused_with_cpu(flag, tmp_path):
+    argv = ["--actor.model_name_or_path", str(tmp_path), "--reward.model_name_or_path", reward_funcs(tmp_path), "--cpu"]
+    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", "--dry_run", flag]
+    done = subprocess.run(
+        [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"error: {flag} cannot run with --cpu: " + (launcher.CPU_REFUSED[flag[2:]]))
+    )
