@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -172,6 +173,11 @@ def rehearsal_argv(paths: dict[str, Path], out: str | Path, backbone_index: int 
     return argv
 
 
-def rehearsal_command(paths: dict[str, Path], out: str | Path, backbone_index: int = 0) -> str:
-    argv = rehearsal_argv(paths, out, backbone_index)
-    return shlex.join(["python", "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv])
+def rehearsal_command(paths: dict[str, Path], out: str | Path) -> str:
+    """The shell loop that trains all three backbones with `--cpu`; the last merges three preferences."""
+    argv = rehearsal_argv(paths, out, 0)
+    argv[argv.index("--backbone_index") + 1] = "$j"
+    argv[argv.index("--ckpt.output_dir") + 1] = str(Path(out) / "backbone") + "$j"
+    words = [shlex.quote(a) if "$j" not in a else f'"{a}"' for a in argv]
+    launch = " ".join([shlex.quote(sys.executable), "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *words])
+    return f'for j in 0 1 2; do\n    {launch} --merge_preferences "1,0,0;0.2,0.5,0.3;0,0,1" || break\ndone'

@@ -55,7 +55,14 @@ def argv(models: dict, out: Path, index: int, tb: Path, steps: int) -> list[str]
     args = tiny.rehearsal_argv(models, out, index)
     args[args.index("--data.max_samples") + 1] = str(4 * steps)
     args += ["--logger.tensorboard_dir", str(tb), "--logger.wandb.run_name", "run"]
-    args += ["--actor.learning_rate", "1e-2", "--algo.advantage.is_correction_level", "token"]
+    args += [
+        "--actor.adam.lr",
+        "1e-2",
+        "--actor.lr_scheduler",
+        "constant",
+        "--algo.advantage.is_correction_level",
+        "token",
+    ]
     if CUDA:  # the same launch on a GPU: no --cpu, one GPU for everything
         args.remove("--cpu")
         args += GPU_ARGS
@@ -77,9 +84,13 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> dict:
+def models(tmp_path_factory) -> dict:
+    return tiny.make_rehearsal(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def recipe(models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("recipe")
-    models = tiny.make_rehearsal(root / "models")
     ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
     launch([*ours, *argv(models, root, 0, root / "tb0", steps=3)], root / "backbone0.log")
 
@@ -155,7 +166,8 @@ def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):
     preferences = "1,0,0;0.2,0.5,0.3;0,0,1"
     cli = [sys.executable, "-m", "openrlhf_bonesoup.cli"]
     merged = subprocess.run(
-        [*cli, "merge", "--soup_dir", str(root / "soup"), "--preferences", preferences, "--output", str(tmp_path / "m")],
+        [*cli, "merge", "--soup_dir", str(root / "soup"), "--preferences", preferences,
+         "--output", str(tmp_path / "m")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert merged.returncode == 0, merged.stderr[-3000:]
@@ -175,3 +187,26 @@ def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["backend"] == "vllm" and results["objectives"] == NAMES
     assert len(results["mean"]) == 3 and (out / "pareto.png").stat().st_size > 0
+
+
+def test_the_reward_func_route_under_zero3(models, tmp_path):
+    """No model objective: the rollout workers score through the plugin's reward_func file (labels read
+    from the dataset), ZeRO 3 shards the policy; backbone 0 trains, registers and logs the combination."""
+    models = recipe["models"]
+    length = tmp_path / "length.py"
+    length.write_text("def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n")
+    objectives = tmp_path / "objectives.json"
+    objectives.write_text(json.dumps([{"name": "bonus", "path": str(models["reward_func"])}, {"path": str(length)}]))
+    args = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=2)
+    args[args.index("--ds.zero_stage") + 1] = "3"
+    ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
+    plan = json.loads(subprocess.run([*ours, *args, "--dry_run"], capture_output=True, text=True, timeout=300).stdout)
+    assert plan["bonesoup"]["route"] == "reward_func"
+    launch([*ours, *args], tmp_path / "log")
+
+    assert soup.read_soup(tmp_path / "soup")["backbones"][0]["status"] == "trained"
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "backbone0")).config.architectures
+    logs = scalars(tmp_path / "tb" / "run")
+    for step in (1, 2):
+        values = [logs[f"train/reward/{name}"][step] for name in ("bonus", "length")]
+        assert logs["train/reward"][step] == pytest.approx(0.7 * values[0] + 0.3 * values[1], rel=1e-4, abs=1e-5)

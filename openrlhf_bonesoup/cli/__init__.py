@@ -292,7 +292,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import tiny
 
     paths = tiny.make_rehearsal(out)
-    print(f"tiny models, objectives and prompts in {out}; rehearse backbone 0 on this CPU with:")
+    print(f"tiny models, three objectives and prompts in {out}. Train the three backbones on this CPU")
+    print(f"(2 PPO steps each); the last launch merges three preferences into {out}/soup/merged:")
     print(tiny.rehearsal_command(paths, out))
     return 0
 
