@@ -192,7 +192,6 @@ def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):
 def test_the_reward_func_route_under_zero3(models, tmp_path):
     """No model objective: the rollout workers score through the plugin's reward_func file (labels read
     from the dataset), ZeRO 3 shards the policy; backbone 0 trains, registers and logs the combination."""
-    models = recipe["models"]
     length = tmp_path / "length.py"
     length.write_text("def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n")
     objectives = tmp_path / "objectives.json"
