@@ -32,7 +32,7 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
 from openrlhf.utils import get_strategy
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 PROMPTS = [
     ("Human: How do I bake bread? Assistant:", "bonus"),
@@ -107,28 +107,39 @@ def reference_rm(path, text: str) -> float:
         return model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
 
 
-class HFEngine:
-    """The tiny policy behind the one call SingleTurnAgentExecutor makes: generate(prompt_ids, params)."""
+def engine_actor(policy_path, remote_rm_url=None, env: dict | None = None):
+    """OpenRLHF's vLLM engine actor (RolloutRayActor), built as create_vllm_engines builds one (tensor
+    parallel 1, no hybrid engine), with a runtime_env of its own when `env` is given."""
+    from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
 
-    def __init__(self, path):
-        self.model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-
-    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
-        with torch.no_grad():
-            out = self.model.generate(
-                torch.tensor([prompt_token_ids]), max_new_tokens=sampling_params.max_tokens, do_sample=False
-            )[0, len(prompt_token_ids) :].tolist()
-        finish = "stop" if out[-1] == self.tokenizer.eos_token_id else "length"
-        text = self.tokenizer.decode(out, skip_special_tokens=False)
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=out, text=text, finish_reason=finish, logprobs=None)])
+    options = {"num_cpus": 0, "num_gpus": 1, **({"runtime_env": {"env_vars": env}} if env else {})}
+    return RolloutRayActor.options(**options).remote(
+        model=str(policy_path), enforce_eager=True, tensor_parallel_size=1, seed=42, max_model_len=128,
+        worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
+        distributed_executor_backend="uni", dtype="bfloat16", trust_remote_code=True, full_determinism=False,
+        gpu_memory_utilization=0.05 if not torch.cuda.is_available() else 0.2, num_gpus=1,
+        remote_rm_url=remote_rm_url,
+    )  # fmt: skip
 
 
-def execute(executor, engine: HFEngine, prompt: str, label=None, max_new_tokens: int = 6) -> dict:
+@contextlib.contextmanager
+def vllm_engine(policy_path) -> Iterator[SimpleNamespace]:
+    """The engine actor on a local Ray cluster of its own, behind the one call SingleTurnAgentExecutor makes
+    when it runs in this process: `await engine.generate(prompt_ids, params)` (a Ray ref is awaitable)."""
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        actor = engine_actor(policy_path)
+        generate = lambda ids, params, multi_modal_data=None: actor.generate.remote(ids, params)  # noqa: E731
+        yield SimpleNamespace(generate=generate, tokenizer=AutoTokenizer.from_pretrained(str(policy_path)))
+    finally:
+        ray.shutdown()
+
+
+def execute(executor, engine, prompt: str, label=None, max_new_tokens: int = 6) -> dict:
     """One rollout through OpenRLHF's executor, as its vLLM engine actor runs it."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=max_new_tokens, logprobs=None)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=None)
     return asyncio.run(executor.execute(prompt, label, params, 64, engine.tokenizer, engine))
 
 
@@ -189,19 +200,10 @@ def rollout_steps(args, policy_path, steps=STEPS, env: dict | None = None):
     the last step's responses and the HF models the engine actor's process holds (vLLM's own model runs in
     its engine-core process; reward_func files and endpoints run in this one).
 
-    The actor is built as create_vllm_engines builds one (tensor parallel 1, no hybrid engine), with a
-    runtime_env of its own when `env` is given."""
-    from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
+    """
     from vllm import SamplingParams
 
-    options = {"num_cpus": 0, "num_gpus": 1, **({"runtime_env": {"env_vars": env}} if env else {})}
-    engine = RolloutRayActor.options(**options).remote(
-        model=str(policy_path), enforce_eager=True, tensor_parallel_size=1, seed=42, max_model_len=128,
-        worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
-        distributed_executor_backend="uni", dtype="bfloat16", trust_remote_code=True, full_determinism=False,
-        gpu_memory_utilization=0.05 if not torch.cuda.is_available() else 0.2, num_gpus=1,
-        remote_rm_url=args.reward.remote_url,
-    )  # fmt: skip
+    engine = engine_actor(policy_path, args.reward.remote_url, env)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
     generator = SamplesGenerator(get_strategy(args), None, None, tokenizer, [])
     params = SamplingParams(max_tokens=6, temperature=0.0)

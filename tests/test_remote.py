@@ -119,7 +119,14 @@ def hooked(monkeypatch):
     worker._patch_agent(agent)
 
 
-def test_upstream_alone_swallows_a_failing_reward(servers, config, tiny):
+@pytest.fixture(scope="module")
+def engine(tiny_gpu):
+    """OpenRLHF's vLLM engine actor (vLLM's CPU build here) on the vLLM-sized tiny policy."""
+    with rollouts.vllm_engine(tiny_gpu["policy"]) as engine:
+        yield engine
+
+
+def test_upstream_alone_swallows_a_failing_reward(servers, config, engine):
     config(
         [
             {"name": "down", "url": servers.urls["failing"], "retries": 0},
@@ -127,14 +134,13 @@ def test_upstream_alone_swallows_a_failing_reward(servers, config, tiny):
         ],
         [0.5, 0.5],
     )
-    output = rollouts.execute(executor(), rollouts.HFEngine(tiny["policy"]), PROMPTS[0])
+    output = rollouts.execute(executor(), engine, PROMPTS[0])
     assert output["reward"] is None  # what the worker hook exists for
 
 
-def test_rollout_through_openrlhf_executor_with_the_hook(servers, config, tiny, hooked):
+def test_rollout_through_openrlhf_executor_with_the_hook(servers, config, engine, hooked):
     urls = servers.urls
     config([{"name": "helpful", "url": urls["rm_llama"]}, {"name": "harmless", "url": urls["rm_gpt2"]}], [0.7, 0.3])
-    engine = rollouts.HFEngine(tiny["policy"])
     output = rollouts.execute(executor(), engine, PROMPTS[1])
     query = engine.tokenizer.decode(output["observation_tokens"], skip_special_tokens=False)
     helpful, harmless = rollouts.post(urls["rm_llama"], [query])[0], rollouts.post(urls["rm_gpt2"], [query])[0]
