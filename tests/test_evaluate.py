@@ -88,7 +88,8 @@ def test_evaluate_end_to_end(soup_dir, tiny, tmp_path, capsys):
         np.testing.assert_allclose(means[k], recorded.mean(axis=0), rtol=1e-9)
         assert float(rows[k]["rm_gpt2_mean"]) == pytest.approx(means[k, 1])
     # seeded sampling: the same merged model gives the same responses again
-    assert evaluate.generate(out / "models" / "mu_0.50_0.50", PROMPTS, {"max_new_tokens": 6, "batch_size": 2}) == [
+    hf = {"max_new_tokens": 6, "batch_size": 2, "backend": "transformers"}
+    assert evaluate.generate(out / "models" / "mu_0.50_0.50", PROMPTS, hf) == [
         json.loads(x)["response"] for x in (out / "generations" / "mu_0.50_0.50.jsonl").read_text().splitlines()
     ]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import BOOT
 
 BIN = Path(sys.executable).parent
@@ -227,3 +228,23 @@ def test_the_merge_line_names_alpha_and_the_sft_weight(tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "lambda [0. 1.], alpha 0.2, backbone weights [0.  1.2], SFT weight -0.2" in r.stdout
+
+
+def test_score_loads_openrlhf_reward_models_in_a_users_cpu_install(tiny, samples, tmp_path):
+    """No tests/boot on the path: the plugin itself lets flash_attn (so openrlhf.models) import on CPU, and
+    the score equals OpenRLHF's own loader's on the same text (RewardDataset's format: text, " ", eos)."""
+    from openrlhf.models import get_llm_for_sequence_regression
+    from transformers import AutoTokenizer
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "scored.jsonl"
+    r = run("score", "--reward.model_name_or_path", str(tiny["rm_llama"]), "--reward_combiner", "single",
+            "--objective", "0", "--input", str(samples), "--output", str(out), env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    model = get_llm_for_sequence_regression(str(tiny["rm_llama"]), "reward", attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny["rm_llama"]))
+    ids = tok(record["prompt"] + record["response"] + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+    assert record["rewards"][0] == pytest.approx(want, rel=1e-2)  # both bf16: one bf16 step (2^-8) apart at most

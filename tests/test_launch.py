@@ -101,7 +101,9 @@ def recipe(models, tmp_path_factory) -> dict:
     upstream = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
     path = os.pathsep.join([str(patched), os.environ.get("PYTHONPATH", "")])
     launch([*upstream, *argv(models, root, 1, root / "tb1", steps=2)], root / "backbone1.log", {"PYTHONPATH": path})
-    launch([*ours, *argv(models, root, 2, root / "tb2", steps=2)], root / "backbone2.log")
+    # The last backbone's launch completes the soup: its post-training hook merges two preferences.
+    merging = ["--merge_preferences", "1,0,0;0,0,1"]
+    launch([*ours, *argv(models, root, 2, root / "tb2", steps=2), *merging], root / "backbone2.log")
     return {"root": root, "models": models}
 
 
@@ -158,6 +160,17 @@ def test_backbone1_through_openrlhf_patched_and_backbone2_complete_the_soup(reci
             values = [logs[f"train/reward/{name}"][step] for name in NAMES]
             combined = sum(w * v for w, v in zip(row, values, strict=True))
             assert logs["train/reward"][step] == pytest.approx(combined, rel=1e-4, abs=1e-5)
+
+
+def test_the_last_launch_merges_the_soup_after_training(recipe):
+    root = recipe["root"]
+    merged = sorted(p.name for p in (root / "soup" / "merged").iterdir())
+    assert merged == ["mu_0.00_0.00_1.00", "mu_1.00_0.00_0.00"]
+    log = (root / "backbone2.log").read_text()
+    assert [line for line in log.splitlines() if line.startswith("merged: ")] == [
+        f"merged: {root / 'soup' / 'merged' / name}" for name in ("mu_1.00_0.00_0.00", "mu_0.00_0.00_1.00")
+    ]
+    assert "merged: " not in (root / "backbone0.log").read_text()  # the soup was not complete yet
 
 
 def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):
