@@ -213,7 +213,7 @@ def test_runtime_env_and_a_jobs_setup_hook(monkeypatch):
 def started(monkeypatch):
     """Record the runtime_env instead of starting Ray (train() would then use that cluster)."""
     envs = []
-    monkeypatch.setattr(launcher, "_start_ray", envs.append)
+    monkeypatch.setattr(launcher, "_start_ray", lambda env, cpu_gpus=None: envs.append(env))
     return envs
 
 
