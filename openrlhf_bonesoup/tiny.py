@@ -46,7 +46,11 @@ def make_tokenizer(path: str | Path, family: str = "llama") -> PreTrainedTokeniz
     vocab_size, special = FAMILIES[family]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=sorted(set(special.values()))
+        CORPUS * 4,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=sorted(set(special.values())),
+        show_progress=False,
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
     tok.padding_side = "left" if family == "llama" else "right"
