@@ -45,7 +45,7 @@ fi
 # The plugin (editable) and its test tools. --no-deps: its declared dependencies are all above, and
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
 step "the plugin" "${PIP[@]}" --no-deps -e .
-step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml \
+step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy numba scipy matplotlib moocore pyyaml \
     pytest hypothesis ruff openai==3.54.0
 # `serve` and openrlhf.cli.serve_rm (the remote RM server the tests run) need these; openrlhf's metadata
 # omits them.
