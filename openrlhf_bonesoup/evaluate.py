@@ -34,6 +34,7 @@ from openrlhf_bonesoup.coefficients import (
     BoneSoupError,
     check_matrix,
     check_preference,
+    clean,
     extrapolation_weights,
 )
 
@@ -409,7 +410,7 @@ def evaluate(
         samples.append(scores)
         with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
             for p, r, s in zip(texts, responses, scores, strict=True):
-                f.write(json.dumps({"prompt": p, "response": r, **dict(zip(names, s.tolist(), strict=True))}) + "\n")
+                f.write(json.dumps({"prompt": p, "response": r, **dict(zip(names, clean(s), strict=True))}) + "\n")
     label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
     results = {
         "format": FORMAT,
@@ -426,6 +427,7 @@ def evaluate(
         **summarise(preferences, samples, names),
     }
     add_fronts(results, others, reference)
+    results = clean(results)  # as a person reads them; the file and the return value alike
     write_results(results, output, others)
     return results
 

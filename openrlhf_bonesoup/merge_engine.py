@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_bonesoup import checkpoints, lora, soup
 from openrlhf_bonesoup.checkpoints import DTYPES, PROVENANCE
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.coefficients import BoneSoupError, clean
 
 FORMAT = "openrlhf-bonesoup/merge/v1"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hub's usual shard size; transformers 5 itself defaults to 50GB
@@ -152,7 +152,7 @@ def merge_checkpoints(
             for tmp, record in zip(tmps, records, strict=True):
                 for f in side:
                     shutil.copy2(f, tmp / f.name)
-                (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+                (tmp / PROVENANCE).write_text(json.dumps(clean(record), indent=2) + "\n")
                 checkpoints.fsync_folder(tmp)
             for tmp, out in zip(tmps, outputs, strict=True):
                 checkpoints.publish(tmp, out, overwrite)

@@ -135,7 +135,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         sampling = {k: getattr(args, k) for k in evaluate.SAMPLING}
         workdir = Path(outputs[0]).parent / ".alpha_search"
         search = evaluate.search_alpha(backbones, matrix, sft, objs, val, workdir, sampling, **engine_kw)
-        print(f"--alpha auto: per-objective alphas {search['best']} (mean validation scores {search['means']})")
+        means = coefficients.clean(search["means"])
+        print(f"--alpha auto: per-objective alphas {search['best']} (mean validation scores {means})")
         alpha = search["best"]
     paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
     with np.printoptions(precision=6, suppress=True):
@@ -200,7 +201,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         model_kwargs={"param_dtype": args.param_dtype, "attn_implementation": args.attn_implementation},
     )
     raw = scoring.score_records(objs, combination, records, args.output, args.batch_size)
-    print(f"wrote {raw.shape[0]} records to {args.output}; weights {combination.weights.tolist()}")
+    print(f"wrote {raw.shape[0]} records to {args.output}; weights {coefficients.clean(combination.weights)}")
     print("raw values per objective (before normalisation), e.g. for `normalize: {mean: M, std: S}`:")
     for o, column in zip(objs, raw.T, strict=True):
         print(f"  {o.name}: mean {column.mean():.6g}, std {column.std():.6g}, normalize {o.spec['normalize']}")
@@ -260,7 +261,7 @@ def cmd_select_beta(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import evaluate
 
     reference = parse_floats(args.reference, "--reference") if args.reference else None
-    out = evaluate.select_beta(args.results, reference)
+    out = coefficients.clean(evaluate.select_beta(args.results, reference))
     if args.json:
         print(json.dumps(out))
         return 0

@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
             with _gpu_modules_for_parsing(), contextlib.redirect_stdout(sys.stderr):
                 plan, _ = resolve(argv)
-            print(json.dumps(plan, indent=2))
+            print(json.dumps(coefficients.clean(plan), indent=2))
             return 0
         missing = [name for name in GPU_MODULES if importlib.util.find_spec(name) is None]
         if missing:
