@@ -248,7 +248,9 @@ def _generate_hf(model_dir, prompts, sampling) -> list[str]:
     torch.manual_seed(sampling["seed"])  # one seeded stream per model: every preference samples alike
     texts = []
     size = sampling["batch_size"]
-    for start in tqdm(range(0, len(prompts), size), desc=f"generating {Path(model_dir).name}", unit="batch"):
+    for start in tqdm(
+        range(0, len(prompts), size), desc=f"generating {Path(model_dir).name}", unit="batch", leave=False
+    ):
         batch = tokenizer(list(prompts[start : start + size]), return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             out = model.generate(
@@ -274,7 +276,7 @@ def score_responses(
     from openrlhf_bonesoup.scoring import raw_scores
 
     parts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch"):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch", leave=False):
         p, r = prompts[start : start + batch_size], responses[start : start + batch_size]
         parts.append(raw_scores(objectives, texts=[a + b for a, b in zip(p, r, strict=True)], prompts=list(p)))
     return np.concatenate(parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -130,6 +131,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         spec = args.objectives or (manifest["objectives"] if manifest else None)
         if spec is None or args.alpha_prompts is None:
             raise BoneSoupError("--alpha auto needs --alpha_prompts FILE and --objectives (or the soup's, --soup_dir)")
+        _quiet_model_loading()
         objs = objectives.load_objectives(spec, device="cuda" if torch.cuda.is_available() else "cpu")
         val = evaluate.read_prompts(args.alpha_prompts, backbones[0], **{k: getattr(args, k) for k in evaluate.DATA})
         sampling = {k: getattr(args, k) for k in evaluate.SAMPLING}
@@ -179,6 +181,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_model_loading() -> None:
+    """score, evaluate and merge --alpha auto load models: transformers' "Loading weights" bar per model,
+    OpenRLHF's INFO lines and DeepSpeed's no-GPU notice (these commands choose their device themselves)
+    would bury the command's own lines. Warnings, errors and download bars still show."""
+    import huggingface_hub.utils
+    import transformers
+
+    from openrlhf_bonesoup.integration.launcher import quiet_deepspeed
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()  # the line above turned the hub's off too
+    logging.disable(logging.INFO)
+    quiet_deepspeed()
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     if bool(args.objectives) == bool(args.reward_model_name_or_path):
         raise BoneSoupError("give the objectives once: --reward.model_name_or_path A,B or --objectives FILE")
@@ -195,6 +212,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise BoneSoupError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+    _quiet_model_loading()
     objs = objectives.load_objectives(
         specs,
         device=args.device,
@@ -211,6 +229,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import evaluate, soup  # torch, transformers: loaded by this sub-command only
 
+    _quiet_model_loading()
     preferences = coefficients.preference_sweep(soup.read_soup(args.soup_dir)["n"], args.grid, args.preferences)
     compare = {}
     for item in args.compare:
@@ -244,7 +263,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  mu {[round(v, 4) for v in mu]}: " + ", ".join(cells))
     print(f"hypervolume (reference point {results['reference_point']}): {results['hypervolume']}")
     print(f"controllability (Spearman, score vs weight): {results['controllability']}")
-    print(f"wrote {args.output}/results.json, results.csv, pareto.png")
+    print(f"wrote {Path(args.output) / 'results.json'}, results.csv, pareto.png")
     return 0
 
 
@@ -282,7 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"Bone Soup beats Rewarded Soup for mu_1 in {r['win_interval']} (measured); "
         f"Theorem 1 guarantees [{r['theorem_interval'][0]:.4f}, {r['theorem_interval'][1]:.4f}]"
     )
-    print(f"wrote {args.output}/results.json and {args.output}/{r['plot']}")
+    print(f"wrote {Path(args.output) / 'results.json'} and {Path(args.output) / r['plot']}")
     return 0
 
 
@@ -498,5 +517,8 @@ def main_entry() -> None:
     code = main()
     # Python's shutdown garbage-collects every object, which takes ~0.5 s once torch is imported;
     # frozen objects are skipped (the OS frees the memory). Streams still flush and files close.
-    gc.freeze()
+    # Not once triton is loaded (OpenRLHF's imports bring it): its nanobind module reports every frozen
+    # object as a leak at exit, 30 lines of noise.
+    if "triton" not in sys.modules:
+        gc.freeze()
     sys.exit(code)
