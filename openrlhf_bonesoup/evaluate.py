@@ -370,6 +370,11 @@ def evaluate(
     manifest, backbones = soup.require_trained(soup_dir)
     matrix, n, sft = check_matrix(manifest["matrix"]), manifest["n"], manifest.get("sft")
     preferences = [check_preference(mu, n).tolist() for mu in preferences]
+    models = sweep_outputs(Path(output) / "models", preferences)
+    earlier = [p for p in (Path(output) / "results.json", *models) if p.exists()]
+    if earlier and not engine_kw.get("overwrite"):  # before any model loads, naming the folder as given
+        shown = ", ".join(str(p.relative_to(output)) for p in earlier[:2]) + (", ..." if len(earlier) > 2 else "")
+        raise BoneSoupError(f"--output {output} holds an earlier evaluation ({shown}): choose another, or --overwrite")
     if alpha == "auto" and alpha_prompts is None:
         raise BoneSoupError("--alpha auto searches on a validation split: give --alpha_prompts FILE")
     if alpha != "auto":
@@ -399,7 +404,7 @@ def evaluate(
         backbones,
         matrix,
         preferences,
-        sweep_outputs(output / "models", preferences),
+        models,
         sft=sft,
         alpha=alphas,
         **engine_kw,

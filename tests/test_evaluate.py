@@ -96,7 +96,7 @@ def test_evaluate_end_to_end(soup_dir, tiny, tmp_path, capsys):
 
     # a second run into the same folder refuses to overwrite merged models unless asked
     assert main(["evaluate", *common, "--preferences", "0.5,0.5"]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert "holds an earlier evaluation (results.json, models/mu_0.50_0.50)" in capsys.readouterr().err
 
 
 def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
