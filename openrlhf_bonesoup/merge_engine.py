@@ -116,11 +116,12 @@ def merge_checkpoints(
         raise BoneSoupError("inputs mix LoRA adapter folders and full checkpoints: merge one kind at a time")
     if densify and not all(adapters):
         raise BoneSoupError("densify applies to LoRA adapter inputs only")
+    identities = [{"path": str(p.resolve()), **soup.checkpoint_identity(p)} for p in inputs]
     records = [
         {
             "format": FORMAT,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "inputs": [{"path": str(p.resolve()), "fingerprint": soup.checkpoint_fingerprint(p)} for p in inputs],
+            "inputs": identities,
             "weights": list(w),
             **(provenance[k] if provenance else {}),
         }
@@ -142,7 +143,7 @@ def merge_checkpoints(
                 _stream([base], [[1.0]] * len(outputs), tmps, deltas=lora.deltas(merged, config), **stream)
                 for record in records:
                     record["lora"] = "densified"
-                    record["base"] = {"path": str(base.resolve()), "fingerprint": soup.checkpoint_fingerprint(base)}
+                    record["base"] = {"path": str(base.resolve()), **soup.checkpoint_identity(base)}
             else:
                 side = checkpoints.side_files(inputs, skip=(lora.ADAPTER_CONFIG,))
                 merged, config, dtype = lora.concatenate(inputs, weights)

@@ -2,7 +2,7 @@
 # Merge a trained soup for the preferences you want to serve: theta(mu) = sum_j lambda_j theta_j with
 # lambda = B^-1 mu (B, the backbones and the SFT model are read from $SOUP/soup.json), optionally pushed
 # away from the SFT model: (1 + alpha) theta - alpha theta_sft. Each output is a standard HF folder
-# (transformers, vLLM) with bonesoup_merge.json (preference, beta, lambda, alpha, input fingerprints).
+# (transformers, vLLM) with bonesoup_merge.json (preference, beta, lambda, alpha, each input's size and sampled hash).
 #
 # The training launches already merged the 11-point sweep into $SOUP/merged (--merge_grid 11); this is
 # for other preferences, or with extrapolation. The merge streams safetensors on CPU: run it on any

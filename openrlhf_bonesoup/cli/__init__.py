@@ -325,7 +325,10 @@ def cmd_soup_register(args: argparse.Namespace) -> int:
     entry = hook.register_checkpoint(args.soup_dir, args.backbone_index, args.checkpoint)["backbones"][
         args.backbone_index
     ]
-    print(f"backbone {args.backbone_index} of {args.soup_dir}: trained, {entry['checkpoint']} ({entry['fingerprint']})")
+    print(
+        f"backbone {args.backbone_index} of {args.soup_dir}: trained, {entry['checkpoint']} ({entry['bytes']} bytes, "
+        f"sha256 of headers and samples {entry['sha256_headers_and_samples'][:16]}...)"
+    )
     return 0
 
 

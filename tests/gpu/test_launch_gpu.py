@@ -94,7 +94,7 @@ def test_a_real_launch_trains_logs_saves_and_registers_the_backbone(tiny_gpu, tm
     assert manifest["beta"] == 0.7 and [o["name"] for o in manifest["objectives"]] == list(WEIGHTS)
     backbone = manifest["backbones"][0]
     assert backbone["status"] == "trained" and backbone["checkpoint"] == str(checkpoint.resolve())
-    assert backbone["fingerprint"] == soup.checkpoint_fingerprint(checkpoint)
+    assert backbone["sha256_headers_and_samples"] == soup.checkpoint_identity(checkpoint)["sha256_headers_and_samples"]
     assert manifest["backbones"][1] is None  # not launched
 
     logs = scalars(tmp_path / "tb" / "launch")
