@@ -161,8 +161,8 @@ def _plot(path: Path, results: dict, prefs: np.ndarray, bone: np.ndarray, reward
         "morlhf": "MORLHF oracle",
     }
     # The oracle first, so that the Bone Soup points (often on it) are drawn on top.
-    fronts = {labels[k]: v for k, v in reversed(results["fronts"].items())}
-    evaluate.plot_fronts(left, fronts, NAMES, results["reference_point"])
+    fronts = {labels[k]: {"mean": v} for k, v in reversed(results["fronts"].items())}
+    evaluate.plot_fronts(left, fronts, NAMES, results["reference_point"], "HV reference point")
     left.set_title(
         "Fronts at 11 preferences; hypervolume (this instance):\n"
         + ", ".join(f"{labels[k]} {v:.1f}" for k, v in hv.items()),

@@ -481,18 +481,43 @@ def load_front(path: str | os.PathLike) -> dict:
 
 
 def plot_fronts(
-    ax, fronts: dict[str, np.ndarray], names: Sequence[str], reference: Sequence[float] | None = None
-) -> None:
-    """Draw each front (points in preference order, joined) on a matplotlib Axes; objectives 1 and 2."""
-    for label, points in fronts.items():
-        points = np.asarray(points)
-        ax.plot(points[:, 0], points[:, 1], marker="o", markersize=4, linewidth=1.2, label=label)
+    ax,
+    fronts: dict[str, dict],
+    names: Sequence[str],
+    reference: Sequence[float] | None = None,
+    reference_label: str = "reference point",
+) -> dict[str, dict]:
+    """Draw Pareto fronts on a matplotlib Axes (objectives 1 and 2) and return what was drawn.
+
+    fronts: label -> {"mean": points (K, n), "preferences": (K, n), optional}, so an evaluation's
+    results.json goes in as it is, and several together (Bone Soup, Rewarded Soup). Per front the
+    non-dominated points are filled and joined in the order of objective 1 (the preference order
+    zigzags wherever the models do), dominated points hollow, each point labelled with its mu when
+    given. reference (the hypervolume's, or the SFT policy's scores) is a black cross.
+    Returns label -> {"front": [[x, y], ...] as joined, "dominated": [[x, y], ...], "labels": [...]}.
+    """
+    drawn = {}
+    for label, front in fronts.items():
+        points = np.asarray(front["mean"], dtype=np.float64)[:, :2]
+        mask = pareto_mask(points)  # in the two objectives drawn: the front the eye sees
+        order = np.flatnonzero(mask)[np.argsort(points[mask, 0], kind="stable")]
+        (line,) = ax.plot(*points[order].T, marker="o", markersize=5, linewidth=1.2, label=label)
+        if not mask.all():  # hollow, not joined
+            color = line.get_color()
+            ax.plot(*points[~mask].T, "o", ms=5, mfc="none", color=color, label=f"{label} (dominated)")
+        prefs = front.get("preferences")
+        labeled = prefs is not None and len(prefs) == len(points)
+        labels = [",".join(f"{x:g}" for x in mu) for mu in prefs] if labeled else []
+        for text, point in zip(labels, points, strict=False):  # no labels, or one per point
+            ax.annotate(text, point, textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color())
+        drawn[label] = {"front": points[order].tolist(), "dominated": points[~mask].tolist(), "labels": labels}
     if reference is not None:
-        ax.plot(*reference[:2], marker="x", color="black", linestyle="none", label="HV reference point")
+        ax.plot(*reference[:2], marker="x", markersize=8, color="black", linestyle="none", label=reference_label)
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return drawn
 
 
 def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
@@ -511,11 +536,11 @@ def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
         ):
             writer.writerow([*mu, *[v for pair in zip(mean, err, strict=True) for v in pair], front])
     fig, ax = plt.subplots(figsize=(6, 5))
-    fronts = {results["label"]: results["mean"]} | {k: v["mean"] for k, v in others.items()}
-    plot_fronts(ax, fronts, names, results["reference_point"])
+    rule = "given" if results["reference_rule"] != REFERENCE_RULE else "common nadir"
+    plot_fronts(ax, {results["label"]: results} | others, names, results["reference_point"], f"reference ({rule})")
     hv = ", ".join(f"{k} {v:.4g}" for k, v in results["hypervolume"].items())
     extra = f" (objectives 1-2 of {len(names)})" if len(names) > 2 else ""
-    ax.set_title(f"Pareto fronts{extra}\nhypervolume: {hv}", fontsize=9)
+    ax.set_title(f"Pareto fronts{extra}, points labelled with mu\nhypervolume: {hv}", fontsize=9)
     fig.tight_layout()
     fig.savefig(output / "pareto.png", dpi=120)
     plt.close(fig)
