@@ -12,6 +12,7 @@ it anywhere. All checks raise BoneSoupError with a one-line message the CLI prin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -175,7 +176,14 @@ def preference_sweep(n: int, grid: int | None = None, text: str | None = None) -
     return parse_preferences(text, n)
 
 
-def clean(values: np.ndarray | Sequence[float] | float) -> list[float] | float:
-    """Coefficients as a record or a console shows them: 12 decimals, so 0.3 and not 0.30000000000000004,
-    0 and not -7.9e-17 from the solve (never used for the arithmetic itself)."""
-    return (np.round(np.asarray(values, dtype=np.float64), 12) + 0.0).tolist()
+def clean(values: Any) -> Any:
+    """Numbers as a record or a console shows them: 12 decimals, so 0.3 and not 0.30000000000000004,
+    0 and not -7.9e-17 from the solve (never used for a merge's arithmetic). Takes a number, an array,
+    or a whole record (dicts and lists, nested): every float in it is rounded, the rest kept as is."""
+    if isinstance(values, dict):
+        return {k: clean(v) for k, v in values.items()}
+    if isinstance(values, (list, tuple)):
+        return [clean(v) for v in values]
+    if isinstance(values, (float, np.floating, np.ndarray)):
+        return (np.round(np.asarray(values, dtype=np.float64), 12) + 0.0).tolist()
+    return values.item() if isinstance(values, np.generic) else values  # str, int, bool, None

@@ -82,7 +82,9 @@ def combiner_weights(
         matrix = coefficients.backbone_matrix(beta, n)
         if not 0 <= backbone_index < n:
             raise BoneSoupError(f"--backbone_index must lie in 0..{n - 1} for {n} objectives, got {backbone_index}")
-        return matrix[backbone_index]
+        # The row as soup.json records B (0.3, not 0.30000000000000004): the same weights in the
+        # manifest, the launch's config and the dry run; a 1e-17 difference changes no reward.
+        return np.asarray(coefficients.clean(matrix[backbone_index]))
     if combiner == "linear":
         return coefficients.check_preference(reward_weights, n)
     if not 0 <= objective < n:

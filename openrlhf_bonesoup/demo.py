@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup import evaluate, soup
-from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix, preference_grid
+from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix, clean, preference_grid
 
 FORMAT = "openrlhf-bonesoup/demo/v1"
 # Our stated instance: each objective is 10x more sensitive to the coordinate the other one wants.
@@ -142,6 +142,7 @@ def run_demo(output: str | os.PathLike, beta: float = 0.7) -> dict:
     }
     _plot(output / "demo.png", results, prefs, bone, rewarded)
     results["seconds"] = round(time.perf_counter() - start, 2)
+    results = clean(results)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -160,8 +161,8 @@ def _plot(path: Path, results: dict, prefs: np.ndarray, bone: np.ndarray, reward
         "morlhf": "MORLHF oracle",
     }
     # The oracle first, so that the Bone Soup points (often on it) are drawn on top.
-    fronts = {labels[k]: v for k, v in reversed(results["fronts"].items())}
-    evaluate.plot_fronts(left, fronts, NAMES, results["reference_point"])
+    fronts = {labels[k]: {"mean": v} for k, v in reversed(results["fronts"].items())}
+    evaluate.plot_fronts(left, fronts, NAMES, results["reference_point"], "HV reference point")
     left.set_title(
         "Fronts at 11 preferences; hypervolume (this instance):\n"
         + ", ".join(f"{labels[k]} {v:.1f}" for k, v in hv.items()),

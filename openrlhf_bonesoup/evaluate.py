@@ -34,6 +34,7 @@ from openrlhf_bonesoup.coefficients import (
     BoneSoupError,
     check_matrix,
     check_preference,
+    clean,
     extrapolation_weights,
 )
 
@@ -271,7 +272,9 @@ def _generate_hf(model_dir, prompts, sampling) -> list[str]:
     torch.manual_seed(sampling["seed"])  # one seeded stream per model: every preference samples alike
     texts = []
     size = sampling["batch_size"]
-    for start in tqdm(range(0, len(prompts), size), desc=f"generating {Path(model_dir).name}", unit="batch"):
+    for start in tqdm(
+        range(0, len(prompts), size), desc=f"generating {Path(model_dir).name}", unit="batch", leave=False
+    ):
         batch = tokenizer(list(prompts[start : start + size]), return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             out = model.generate(
@@ -297,7 +300,7 @@ def score_responses(
     from openrlhf_bonesoup.scoring import raw_scores
 
     parts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch"):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch", leave=False):
         p, r = prompts[start : start + batch_size], responses[start : start + batch_size]
         parts.append(raw_scores(objectives, texts=[a + b for a, b in zip(p, r, strict=True)], prompts=list(p)))
     return np.concatenate(parts)
@@ -392,6 +395,11 @@ def evaluate(
     manifest, backbones = soup.require_trained(soup_dir)
     matrix, n, sft = check_matrix(manifest["matrix"]), manifest["n"], manifest.get("sft")
     preferences = [check_preference(mu, n).tolist() for mu in preferences]
+    models = sweep_outputs(Path(output) / "models", preferences)
+    earlier = [p for p in (Path(output) / "results.json", *models) if p.exists()]
+    if earlier and not engine_kw.get("overwrite"):  # before any model loads, naming the folder as given
+        shown = ", ".join(str(p.relative_to(output)) for p in earlier[:2]) + (", ..." if len(earlier) > 2 else "")
+        raise BoneSoupError(f"--output {output} holds an earlier evaluation ({shown}): choose another, or --overwrite")
     if alpha == "auto" and alpha_prompts is None:
         raise BoneSoupError("--alpha auto searches on a validation split: give --alpha_prompts FILE")
     if alpha != "auto":
@@ -421,7 +429,7 @@ def evaluate(
         backbones,
         matrix,
         preferences,
-        sweep_outputs(output / "models", preferences),
+        models,
         sft=sft,
         alpha=alphas,
         **engine_kw,
@@ -435,7 +443,7 @@ def evaluate(
             samples.append(scores)
             with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
                 for p, r, s in zip(texts, responses, scores, strict=True):
-                    record = {"prompt": p, "response": r, **dict(zip(names, s.tolist(), strict=True))}
+                    record = {"prompt": p, "response": r, **dict(zip(names, clean(s), strict=True))}
                     f.write(json.dumps(record) + "\n")
     finally:
         close_engine()
@@ -455,6 +463,7 @@ def evaluate(
         **summarise(preferences, samples, names),
     }
     add_fronts(results, others, reference)
+    results = clean(results)  # as a person reads them; the file and the return value alike
     write_results(results, output, others)
     return results
 
@@ -501,18 +510,43 @@ def load_front(path: str | os.PathLike) -> dict:
 
 
 def plot_fronts(
-    ax, fronts: dict[str, np.ndarray], names: Sequence[str], reference: Sequence[float] | None = None
-) -> None:
-    """Draw each front (points in preference order, joined) on a matplotlib Axes; objectives 1 and 2."""
-    for label, points in fronts.items():
-        points = np.asarray(points)
-        ax.plot(points[:, 0], points[:, 1], marker="o", markersize=4, linewidth=1.2, label=label)
+    ax,
+    fronts: dict[str, dict],
+    names: Sequence[str],
+    reference: Sequence[float] | None = None,
+    reference_label: str = "reference point",
+) -> dict[str, dict]:
+    """Draw Pareto fronts on a matplotlib Axes (objectives 1 and 2) and return what was drawn.
+
+    fronts: label -> {"mean": points (K, n), "preferences": (K, n), optional}, so an evaluation's
+    results.json goes in as it is, and several together (Bone Soup, Rewarded Soup). Per front the
+    non-dominated points are filled and joined in the order of objective 1 (the preference order
+    zigzags wherever the models do), dominated points hollow, each point labelled with its mu when
+    given. reference (the hypervolume's, or the SFT policy's scores) is a black cross.
+    Returns label -> {"front": [[x, y], ...] as joined, "dominated": [[x, y], ...], "labels": [...]}.
+    """
+    drawn = {}
+    for label, front in fronts.items():
+        points = np.asarray(front["mean"], dtype=np.float64)[:, :2]
+        mask = pareto_mask(points)  # in the two objectives drawn: the front the eye sees
+        order = np.flatnonzero(mask)[np.argsort(points[mask, 0], kind="stable")]
+        (line,) = ax.plot(*points[order].T, marker="o", markersize=5, linewidth=1.2, label=label)
+        if not mask.all():  # hollow, not joined
+            color = line.get_color()
+            ax.plot(*points[~mask].T, "o", ms=5, mfc="none", color=color, label=f"{label} (dominated)")
+        prefs = front.get("preferences")
+        labeled = prefs is not None and len(prefs) == len(points)
+        labels = [",".join(f"{x:g}" for x in mu) for mu in prefs] if labeled else []
+        for text, point in zip(labels, points, strict=False):  # no labels, or one per point
+            ax.annotate(text, point, textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color())
+        drawn[label] = {"front": points[order].tolist(), "dominated": points[~mask].tolist(), "labels": labels}
     if reference is not None:
-        ax.plot(*reference[:2], marker="x", color="black", linestyle="none", label="HV reference point")
+        ax.plot(*reference[:2], marker="x", markersize=8, color="black", linestyle="none", label=reference_label)
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return drawn
 
 
 def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
@@ -531,11 +565,11 @@ def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
         ):
             writer.writerow([*mu, *[v for pair in zip(mean, err, strict=True) for v in pair], front])
     fig, ax = plt.subplots(figsize=(6, 5))
-    fronts = {results["label"]: results["mean"]} | {k: v["mean"] for k, v in others.items()}
-    plot_fronts(ax, fronts, names, results["reference_point"])
+    rule = "given" if results["reference_rule"] != REFERENCE_RULE else "common nadir"
+    plot_fronts(ax, {results["label"]: results} | others, names, results["reference_point"], f"reference ({rule})")
     hv = ", ".join(f"{k} {v:.4g}" for k, v in results["hypervolume"].items())
     extra = f" (objectives 1-2 of {len(names)})" if len(names) > 2 else ""
-    ax.set_title(f"Pareto fronts{extra}\nhypervolume: {hv}", fontsize=9)
+    ax.set_title(f"Pareto fronts{extra}, points labelled with mu\nhypervolume: {hv}", fontsize=9)
     fig.tight_layout()
     fig.savefig(output / "pareto.png", dpi=120)
     plt.close(fig)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_bonesoup import checkpoints, lora, soup
 from openrlhf_bonesoup.checkpoints import ITEMSIZE, PROVENANCE
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.coefficients import BoneSoupError, clean
 
 if TYPE_CHECKING:
     import torch
@@ -127,11 +127,12 @@ def merge_checkpoints(
         raise BoneSoupError("inputs mix LoRA adapter folders and full checkpoints: merge one kind at a time")
     if densify and not all(adapters):
         raise BoneSoupError("densify applies to LoRA adapter inputs only")
+    identities = [{"path": str(p.resolve()), **soup.checkpoint_identity(p)} for p in inputs]
     records = [
         {
             "format": FORMAT,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "inputs": [{"path": str(p.resolve()), "fingerprint": soup.checkpoint_fingerprint(p)} for p in inputs],
+            "inputs": identities,
             "weights": list(w),
             **(provenance[k] if provenance else {}),
         }
@@ -153,7 +154,7 @@ def merge_checkpoints(
                 _stream([base], [[1.0]] * len(outputs), tmps, deltas=lora.deltas(merged, config), **stream)
                 for record in records:
                     record["lora"] = "densified"
-                    record["base"] = {"path": str(base.resolve()), "fingerprint": soup.checkpoint_fingerprint(base)}
+                    record["base"] = {"path": str(base.resolve()), **soup.checkpoint_identity(base)}
             else:
                 side = checkpoints.side_files(inputs, skip=(lora.ADAPTER_CONFIG,))
                 merged, config, dtype = lora.concatenate(inputs, weights)
@@ -163,7 +164,7 @@ def merge_checkpoints(
             for tmp, record in zip(tmps, records, strict=True):
                 for f in side:
                     shutil.copy2(f, tmp / f.name)
-                (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+                (tmp / PROVENANCE).write_text(json.dumps(clean(record), indent=2) + "\n")
                 checkpoints.fsync_folder(tmp)
             for tmp, out in zip(tmps, outputs, strict=True):
                 checkpoints.publish(tmp, out, overwrite)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.coefficients import BoneSoupError, clean
 from openrlhf_bonesoup.objectives import DEFAULT_MAX_LEN, Objective
 
 DEFAULT_RETRIES = 3
@@ -209,7 +209,7 @@ def score_records(
                 batch_raw = score_texts(objectives, prompts, responses, [r.get("label") for r in batch])
                 rewards, values = combination(batch_raw)
                 for record, row, reward in zip(batch, values, rewards, strict=True):
-                    out.write(json.dumps({**record, "rewards": row.tolist(), "reward": float(reward)}) + "\n")
+                    out.write(json.dumps({**record, "rewards": clean(row), "reward": clean(float(reward))}) + "\n")
                 raw.append(batch_raw)
         os.replace(tmp, output_path)
     finally:

@@ -1,8 +1,8 @@
 """The soup manifest: `<soup_dir>/soup.json`, the contract between training, merging and evaluation.
 
 It records the objectives, beta and B, the SFT checkpoint, and one entry per backbone j (its
-checkpoint, how it was launched, a content fingerprint, its status). Each backbone's launch writes
-its own entry; backbones are often launched at the same time, so every update is a read-modify-write
+checkpoint, how it was launched, its size and a sampled content hash, its status). Each backbone's
+launch writes its own entry; backbones are often launched at the same time, so every update is a read-modify-write
 under an exclusive lock, written to a temporary file and renamed (a reader never sees half a file).
 """
 
@@ -23,6 +23,7 @@ from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, clean
 
 MANIFEST = "soup.json"
 FORMAT = "openrlhf-bonesoup/soup/v1"
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 4096  # checkpoint_identity reads 256 KiB of tensor data per file
 
 
 def _now() -> str:
@@ -116,7 +117,7 @@ def register_backbone(soup_dir: str | os.PathLike, index: int, **fields) -> dict
             raise BoneSoupError(f"backbone index {index} is outside 0..{manifest['n'] - 1}")
         if "checkpoint" in fields and fields["checkpoint"] is not None:
             fields["checkpoint"] = str(Path(fields["checkpoint"]).resolve())
-            fields.setdefault("fingerprint", checkpoint_fingerprint(fields["checkpoint"]))
+            fields = {**checkpoint_identity(fields["checkpoint"]), **fields}
         entry = dict(manifest["backbones"][index] or {"index": index})
         entry.update(fields, updated=_now())
         manifest["backbones"][index] = entry
@@ -145,24 +146,32 @@ def require_trained(soup_dir: str | os.PathLike) -> tuple[dict, list[str]]:
     return manifest, backbones
 
 
-def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 over a checkpoint's safetensors headers and index, in file-name order.
+def checkpoint_identity(path: str | os.PathLike) -> dict:
+    """What tells two checkpoints apart in a record, cheaply: `bytes`, the safetensors files' total size, and
+    `sha256_headers_and_samples`, a sha256 over every safetensors header (tensor names, dtypes, shapes,
+    byte ranges), the index, and 64 blocks of 4 KiB spread evenly over each file's tensor data.
 
-    A safetensors header lists every tensor's name, dtype, shape and byte range, so it changes
-    whenever the checkpoint's layout does, and reading it costs kilobytes however large the model.
-    (It does not see an in-place rewrite of tensor bytes with the same layout.)
+    Backbones trained from one SFT model share their headers; their weights differ in every block, so
+    the samples tell them apart. An edit between the sampled blocks is not seen: this is an identity
+    for records, not an integrity check. It reads about 256 KiB per file, whatever the model's size.
     """
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
     if not files:
         raise BoneSoupError(f"{path} has no *.safetensors files")
-    digest = hashlib.sha256()
+    digest, size = hashlib.sha256(), 0
     for f in files:
         with open(f, "rb") as fh:
-            if f.suffix == ".safetensors":
-                head = fh.read(8)
-                size = int.from_bytes(head, "little")
-                digest.update(f.name.encode() + head + fh.read(size))
-            else:
+            if f.suffix != ".safetensors":
                 digest.update(f.name.encode() + fh.read())
-    return "sha256:" + digest.hexdigest()
+                continue
+            end = f.stat().st_size
+            size += end
+            head = fh.read(8)
+            start = 8 + int.from_bytes(head, "little")
+            digest.update(f.name.encode() + head + fh.read(start - 8))
+            span = max(0, end - start - SAMPLE_BLOCK)
+            for k in range(SAMPLE_BLOCKS):
+                fh.seek(start + span * k // (SAMPLE_BLOCKS - 1))
+                digest.update(fh.read(SAMPLE_BLOCK))
+    return {"bytes": size, "sha256_headers_and_samples": digest.hexdigest()}

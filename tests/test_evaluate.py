@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_evaluate_end_to_end(soup_dir, tiny, tmp_path, capsys):
 
     # a second run into the same folder refuses to overwrite merged models unless asked
     assert main(["evaluate", *common, "--preferences", "0.5,0.5"]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert "holds an earlier evaluation (results.json, models/mu_0.50_0.50)" in capsys.readouterr().err
 
 
 def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
@@ -182,6 +183,7 @@ def test_merge_alpha_auto(soup_dir, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "per-objective alphas" in printed and str(out) in printed
+    assert re.search(r"\d\.\d{13,}", printed) is None, printed  # means as coefficients.clean rounds them
     record = json.loads((out / "bonesoup_merge.json").read_text())
     assert all(a in REFERENCE_ALPHAS for a in record["alpha"]) and len(record["inputs"]) == 3
     assert record["weights"][2] == pytest.approx(-0.5 * sum(record["alpha"]))  # SFT weight -mu . alpha

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +46,7 @@ def load(path: Path):
 def run_script(name: str, tmp_path: Path, **settings: str) -> list[list[str]]:
     """Run examples/scripts/<name> in tmp_path; returns the ray / openrlhf-bonesoup calls it made."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     for command in ("ray", "openrlhf-bonesoup"):
         (bin_dir / command).write_text(RECORDER.format(python=sys.executable))
         (bin_dir / command).chmod(0o755)
@@ -54,6 +56,66 @@ def run_script(name: str, tmp_path: Path, **settings: str) -> list[list[str]]:
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), **settings)
     subprocess.run(["bash", str(SCRIPTS / name)], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=60)
     return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+# A `ray` or `openrlhf-bonesoup` that notes its call and fails: on a PATH without the venv, the only
+# ones a script could find.
+FORBIDDEN = """#!/bin/sh
+echo "$0 $*" >> "$STARTED"
+exit 1
+"""
+ALL_SCRIPTS = ["train_bonesoup_backbones.sh", "merge.sh", "evaluate.sh", "select_beta.sh", "prepare_prompts.py"]
+
+
+def run_bare(name: str, args: list[str], tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
+    """Run examples/scripts/<name> ARGS in tmp_path/work with no `ray` and no venv on PATH."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    for command in ("ray", "openrlhf-bonesoup"):
+        (bin_dir / command).write_text(FORBIDDEN)
+        (bin_dir / command).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", STARTED=str(tmp_path / "started"), **settings)
+    command = [sys.executable] if name.endswith(".py") else ["bash"]
+    return subprocess.run(
+        [*command, str(SCRIPTS / name), *args], cwd=work, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_help_dry_run_and_a_wrong_argument_start_nothing(tmp_path, name):
+    assert sorted(p.name for p in SCRIPTS.iterdir() if p.suffix in (".sh", ".py")) == sorted(ALL_SCRIPTS)
+    positional = ["hh", "data"] if name.endswith(".py") else []  # prepare_prompts.py SETTING OUTPUT
+
+    r = run_bare(name, ["--help"], tmp_path)
+    assert r.returncode == 0 and "--dry_run" in r.stdout, r.stderr
+    first = (SCRIPTS / name).read_text().splitlines()[1].lstrip('#" ').split(":")[0]
+    assert first in r.stdout  # what it does: the header
+    for variable in re.findall(r"^([A-Z_]+)=\$\{", (SCRIPTS / name).read_text(), flags=re.M):
+        assert f"{variable}=" in r.stdout  # and its settings
+
+    r = run_bare(name, [*positional, "--dry_run"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() and r.stderr == "", r.stderr
+
+    r = run_bare(name, [*positional, "--nope"], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--nope" in r.stderr, r.stderr
+    assert r.stdout == ""
+
+    assert not (tmp_path / "started").exists()  # no `ray` and no `openrlhf-bonesoup` was called
+    assert list((tmp_path / "work").iterdir()) == []  # and nothing was written
+
+
+@pytest.mark.parametrize("name", ["train_bonesoup_backbones.sh", "merge.sh", "evaluate.sh", "select_beta.sh"])
+def test_dry_run_prints_the_commands_a_run_issues(tmp_path, name):
+    settings = {"RS_SOUP": str(tmp_path / "rs")} if name == "evaluate.sh" else {}
+    calls = run_script(name, tmp_path / "work", **settings)
+    printed = run_bare(name, ["--dry_run"], tmp_path, **settings)
+    commands = [shlex.split(line) for line in printed.stdout.splitlines()]
+    commands = [c[: c.index(">")] if ">" in c else c for c in commands]  # run_to prints `CMD > FILE`
+    assert all(c[0] in ("ray", "openrlhf-bonesoup", "mkdir") for c in commands), printed.stdout
+    assert [c for c in commands if c[0] != "mkdir"] == calls
+    assert not (tmp_path / "started").exists()
 
 
 def launch(call: list[str], monkeypatch) -> tuple[str, dict]:

@@ -1,11 +1,14 @@
 """A newcomer's ordinary mistakes get one line and exit 2 (130 for Ctrl-C), never a traceback; the
-launcher's --help and --dry_run work on a machine without vLLM. Every command runs as a subprocess,
-as a user types it."""
+launcher's --help and --dry_run work on a machine without vLLM; every number a command prints or
+records is rounded as a person writes it, and nothing but the command's own lines is printed. Every
+command runs as a subprocess, as a user types it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,13 +19,22 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BOOT
+from safetensors.torch import load_file, save_file
+
+from openrlhf_bonesoup import objectives, soup
+from openrlhf_bonesoup.coefficients import backbone_matrix
 
 BIN = Path(sys.executable).parent
 
 
-def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+def run(*args, env=None, timeout=120, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "openrlhf-bonesoup"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+        [str(BIN / "openrlhf-bonesoup"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
     )
 
 
@@ -248,3 +260,202 @@ def test_score_loads_openrlhf_reward_models_in_a_users_cpu_install(tiny, samples
     with torch.no_grad():
         want = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
     assert record["rewards"][0] == pytest.approx(want, rel=1e-2)  # both bf16: one bf16 step (2^-8) apart at most
+
+
+# --- every number as a person writes it; nothing but the command's own lines -------------------------
+
+# More than 12 decimals (0.30000000000000004, 0.19999999999999998) or a float's dust (7.9e-17): a
+# number that did not go through coefficients.clean.
+UNROUNDED = re.compile(r"\d\.\d{13,}|\de-(?:1[3-9]|[2-9]\d)")
+# What libraries print while a model loads or the process ends: transformers' per-model bar, OpenRLHF's
+# INFO lines, DeepSpeed's no-GPU notice, triton's nanobind leak report.
+NOISE = ("Loading weights", "INFO ", "Setting accelerator to CPU", "nanobind")
+
+
+def unrounded(*texts: str) -> list[str]:
+    return [m for text in texts for m in UNROUNDED.findall(text)]
+
+
+def noise(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(n in line for n in NOISE)]
+
+
+LAUNCHER = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
+
+
+def launcher_argv(tiny) -> list[str]:
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path"]
+    argv += [f"{tiny['rm_llama']},{tiny['classifier']}", "--reward_combiner", "bonesoup", "--beta", "0.7"]
+    return [*argv, "--backbone_index", "1", "--soup_dir", "soup", "--merge_grid", "11"]
+
+
+def test_the_launcher_dry_run_is_rounded(tiny, tmp_path):
+    r = subprocess.run([*LAUNCHER, *launcher_argv(tiny), "--dry_run"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert unrounded(r.stdout) == [], unrounded(r.stdout)  # B's row 0.3, the grid's 0.3, 0.2, 0.1
+    plan = json.loads(r.stdout)
+    assert plan["bonesoup"]["weights"] == [0.3, 0.7] and [0.7, 0.3] in plan["merge_preferences"]
+    # the weights the workers get are the ones printed
+    assert json.loads(plan["runtime_env"]["env_vars"]["OPENRLHF_BONESOUP_CONFIG"])["weights"] == [0.3, 0.7]
+
+
+def test_the_launchers_help_and_dry_run_are_quiet(tiny, tmp_path):
+    for argv in (["--help"], [*launcher_argv(tiny), "--dry_run"]):
+        r = subprocess.run([*LAUNCHER, *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0 and noise(r.stdout + r.stderr) == [], noise(r.stdout + r.stderr)
+
+
+def test_a_typo_in_an_openrlhf_flag_names_the_closest_flags(tiny, tmp_path):
+    argv = [w.replace("--actor.model_name_or_path", "--actor.model_nam_or_path") for w in launcher_argv(tiny)]
+    r = subprocess.run([*LAUNCHER, *argv, "--dry_run"], capture_output=True, text=True, cwd=tmp_path)
+    line = one_line_error(r, "unrecognized arguments: --actor.model_nam_or_path (did you mean")
+    assert "--actor.model_name_or_path" in line and r.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def scored(tiny, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    root = tmp_path_factory.mktemp("score")
+    (root / "in.jsonl").write_text(
+        "".join(json.dumps({"prompt": "Human: hi Assistant:", "response": r}) + "\n" for r in (" hello", " bye now"))
+    )
+    r = run(
+        "score",
+        f"--reward.model_name_or_path={tiny['rm_llama']},{tiny['rm_gpt2']}",
+        *("--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"),
+        *("--input", root / "in.jsonl", "--output", root / "out.jsonl"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r, root / "out.jsonl"
+
+
+def test_score_prints_and_records_rounded_numbers(scored):
+    r, out = scored
+    assert "weights [0.7, 0.3]" in r.stdout
+    assert unrounded(r.stdout, out.read_text()) == []
+
+
+def test_score_prints_only_its_own_lines(scored):
+    r, _ = scored
+    assert noise(r.stdout + r.stderr) == [], noise(r.stdout + r.stderr)
+
+
+def perturbed(src: Path, dst: Path, seed: int) -> Path:
+    """A 'trained backbone': the SFT policy with seeded noise on every weight (same layout, other bytes)."""
+    shutil.copytree(src, dst)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors = {k: v + 0.05 * torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in tensors.items()}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trained_soup(tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("first_hour_soup")
+    specs = objectives.parse_objectives(f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    soup.init_soup(root / "soup", objectives=specs, beta=0.7, matrix=backbone_matrix(0.7, 2), sft=str(tiny["policy"]))
+    for j in range(2):
+        soup.register_backbone(
+            root / "soup", j, status="trained", checkpoint=perturbed(tiny["policy"], root / f"b{j}", j)
+        )
+    return root / "soup"
+
+
+def test_merge_records_are_rounded(trained_soup, tmp_path):
+    r = run("merge", "--soup_dir", trained_soup, "--grid", "11", "--alpha", "0.2", "--output", tmp_path / "grid")
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [p.read_text() for p in sorted(tmp_path.glob("grid/*/bonesoup_merge.json"))]
+    assert len(records) == 11 and unrounded(r.stdout, *records) == [], unrounded(*records)
+    record = json.loads((tmp_path / "grid" / "mu_0.70_0.30" / "bonesoup_merge.json").read_text())
+    assert record["preference"] == [0.7, 0.3] and record["weights"] == [1.2, 0.0, -0.2]  # mu = B's row 0: lambda = e_0
+
+
+def test_the_records_tell_backbones_of_one_layout_apart(tiny, tmp_path):
+    # Two backbones of one SFT model: the same safetensors header, other weights.
+    a, b = perturbed(tiny["policy"], tmp_path / "a", 1), perturbed(tiny["policy"], tmp_path / "b", 2)
+    headers = [(c / "model.safetensors").read_bytes() for c in (a, b)]
+    headers = [data[: 8 + int.from_bytes(data[:8], "little")] for data in headers]
+    assert headers[0] == headers[1]
+    objs = f"{tiny['rm_llama']},{tiny['rm_gpt2']}"
+    r = run("soup", "init", "--soup_dir", tmp_path / "soup", "--objectives", objs, "--sft", tiny["policy"])
+    assert r.returncode == 0, r.stderr
+    lines = []
+    for j, checkpoint in enumerate((a, b)):
+        r = run("soup", "register", "--soup_dir", tmp_path / "soup", "--backbone_index", j, "--checkpoint", checkpoint)
+        lines.append(r.stdout)
+    assert f"{(a / 'model.safetensors').stat().st_size} bytes" in lines[0]
+    assert lines[0].split("sha256")[1] != lines[1].split("sha256")[1]
+
+    r = run("merge", "--soup_dir", tmp_path / "soup", "--preference", "0.5,0.5", "--output", tmp_path / "m")
+    assert r.returncode == 0, r.stderr[-2000:]
+    inputs = json.loads((tmp_path / "m" / "bonesoup_merge.json").read_text())["inputs"]
+    manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    for entry, backbone in zip(inputs, manifest["backbones"], strict=True):
+        assert entry["bytes"] == (Path(entry["path"]) / "model.safetensors").stat().st_size
+        assert entry["sha256_headers_and_samples"] == backbone["sha256_headers_and_samples"]  # as soup.json has it
+    assert inputs[0]["sha256_headers_and_samples"] != inputs[1]["sha256_headers_and_samples"]
+
+
+MARKER_OBJECTIVE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("loaded")  # the objective was loaded
+
+def reward_func(queries, prompts, labels):
+    return [len(q) / 3 for q in queries]  # 7.333333333333333: recorded as 7.333333333333
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_soup, tiny, tmp_path_factory):
+    """`evaluate --output ev/` (as typed, relative) with a model objective and a function objective
+    that notes when it is loaded. Returns (the completed run, the command, its folder, the marker)."""
+    root = tmp_path_factory.mktemp("evaluation")
+    marker = root / "loaded"
+    (root / "marker.py").write_text(MARKER_OBJECTIVE.format(marker=str(marker)))
+    (root / "prompts.jsonl").write_text(json.dumps({"input": "Human: hi Assistant:"}) + "\n")
+    args = ["evaluate", "--soup_dir", trained_soup, "--grid", "11", "--prompts", "prompts.jsonl", "--output", "ev/"]
+    args += [
+        "--objectives",
+        f"{tiny['rm_llama']},marker.py",
+        "--eval.max_new_tokens",
+        "2",
+        "--eval.backend",
+        "transformers",
+    ]
+    r = run(*args, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r, args, root, marker
+
+
+def test_evaluate_prints_and_records_rounded_numbers(evaluation):
+    r, _, root, _ = evaluation
+    files = [root / "ev" / "results.json", root / "ev" / "results.csv", *sorted(root.glob("ev/generations/*.jsonl"))]
+    assert len(files) == 13 and unrounded(r.stdout, *(f.read_text() for f in files)) == []
+
+
+def test_evaluate_prints_only_its_own_lines(evaluation):
+    r, *_ = evaluation
+    assert noise(r.stdout + r.stderr) == [], noise(r.stdout + r.stderr)
+    assert r.stdout.splitlines()[-1] == "wrote ev/results.json, results.csv, pareto.png"
+
+
+def test_evaluate_into_an_earlier_output_stops_before_loading_a_model(evaluation):
+    _, args, root, marker = evaluation
+    marker.unlink()
+    r = run(*args, cwd=root)
+    one_line_error(r, "--output ev/ holds an earlier evaluation (results.json, models/mu_0.00_1.00, ...)")
+    assert not marker.exists()  # refused before the objectives (or any model) were loaded
+
+
+def test_select_beta_and_the_demo_are_rounded(evaluation, tmp_path):
+    _, _, root, _ = evaluation
+    results = json.loads((root / "ev" / "results.json").read_text())
+    (tmp_path / "b07.json").write_text(json.dumps(results))
+    other = {**results, "beta": 0.8, "mean": [[x / 3 for x in m] for m in results["mean"]]}
+    (tmp_path / "b08.json").write_text(json.dumps(other))
+    for flags in ([], ["--json"]):
+        r = run("select-beta", tmp_path / "b07.json", tmp_path / "b08.json", *flags)
+        assert r.returncode == 0 and unrounded(r.stdout) == [], (r.stderr[-2000:], unrounded(r.stdout))
+    r = run("demo", "--output", tmp_path / "demo")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert unrounded(r.stdout, (tmp_path / "demo" / "results.json").read_text()) == []

@@ -94,7 +94,8 @@ def test_hook_merges_when_the_last_backbone_finishes(trained, tmp_path):
         lam = coefficients.merge_coefficients(matrix, mu)
         record = json.loads((out / PROVENANCE).read_text())
         assert record["lambda"] == pytest.approx(lam.tolist()) and record["preference"] == mu
-        assert record["inputs"][0]["fingerprint"] == manifest["backbones"][0]["fingerprint"]
+        for field in ("bytes", "sha256_headers_and_samples"):  # the soup and the merge name inputs alike
+            assert record["inputs"][0][field] == manifest["backbones"][0][field]
         model = AutoModelForCausalLM.from_pretrained(str(out))
         for name, got in model.state_dict().items():
             if name != "lm_head.weight":

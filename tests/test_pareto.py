@@ -1,7 +1,8 @@
-"""Fronts and indicators of evaluate.py against values worked out by hand, and select-beta."""
+"""Fronts and indicators of evaluate.py against values worked out by hand, the plot, and select-beta."""
 
 import json
 
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -107,6 +108,37 @@ def test_summarise_mean_sem_front():
 
 # ---------------------------------------------------------------------------------------------------
 # select-beta
+
+
+def test_pareto_png_draws_the_fronts_of_results_json(tmp_path, monkeypatch):
+    # Preference order zigzags; by hand: (2, 2) is dominated by (3, 4), the rest is the front, which in
+    # the order of objective 1 is (1, 5), (3, 4), (4, 3), (5, 1).
+    prefs = [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
+    means = [[1.0, 5.0], [3.0, 4.0], [2.0, 2.0], [5.0, 1.0], [4.0, 3.0]]
+    rewarded = {"mean": [[2.5, 0.5], [0.5, 4.0], [1.5, 1.0]], "preferences": [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]}
+    results = {"label": "bone_soup", **evaluate.summarise(prefs, [np.array([m]) for m in means], ["r1", "r2"])}
+    evaluate.add_fronts(results, {"rewarded_soup": rewarded}, None)
+    figures = []  # the figure pareto.png is saved from, read back below
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recorded(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recorded)
+    evaluate.write_results(results, tmp_path, {"rewarded_soup": rewarded})
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and len(figures) == 1
+    ax = figures[0].axes[0]
+    drawn = {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
+    front = [m for m, on in zip(written["mean"], written["pareto"], strict=True) if on]
+    assert drawn["bone_soup"] == sorted(front) == [[1, 5], [3, 4], [4, 3], [5, 1]]  # joined in objective order
+    assert drawn["bone_soup (dominated)"] == [[2, 2]]  # marked apart, not joined
+    assert drawn["rewarded_soup"] == [[0.5, 4], [1.5, 1], [2.5, 0.5]] and "rewarded_soup (dominated)" not in drawn
+    assert drawn["reference (common nadir)"] == [written["reference_point"]] == [[0.5, 0.5]]
+    labels = {(text.get_text(), tuple(text.xy)) for text in ax.texts}  # every point labelled with its mu
+    assert ("0.25,0.75", (3.0, 4.0)) in labels and ("0.5,0.5", (1.5, 1.0)) in labels and len(labels) == 8
 
 
 def _write_run(path, beta, mean, prefs=((0.0, 1.0), (0.5, 0.5), (1.0, 0.0)), objectives=("a", "b")):

@@ -5,6 +5,8 @@
 # hypervolume, controllability and pareto.png. With $RS_SOUP (train_bonesoup_backbones.sh COMBINER=single)
 # Rewarded Soup is evaluated the same way and overlaid, with one reference point for both hypervolumes.
 set -euo pipefail
+source "$(dirname "$0")/common.bash"
+parse_args "$@"
 
 SETTING=${SETTING:-hh}
 SOUP=${SOUP:-$PWD/soups/${SETTING}_bone_soup_b0.7}
@@ -25,11 +27,11 @@ GENERATION=(--prompts "$DATA/${SETTING}_test.jsonl" --data.max_samples "$SAMPLES
 
 COMPARE=()
 if [ -n "$RS_SOUP" ]; then
-    openrlhf-bonesoup evaluate --soup_dir "$RS_SOUP" --grid 11 "${GENERATION[@]}" \
+    run openrlhf-bonesoup evaluate --soup_dir "$RS_SOUP" --grid 11 "${GENERATION[@]}" \
         --label rewarded_soup --output "$OUT/rewarded_soup"
     COMPARE=(--compare "rewarded_soup=$OUT/rewarded_soup/results.json")
 fi
-openrlhf-bonesoup evaluate --soup_dir "$SOUP" --grid 11 "${GENERATION[@]}" \
+run openrlhf-bonesoup evaluate --soup_dir "$SOUP" --grid 11 "${GENERATION[@]}" \
     --alpha "$ALPHA" --alpha_prompts "$DATA/${SETTING}_val.jsonl" \
     --label bone_soup "${COMPARE[@]}" --output "$OUT/bone_soup"
 # Results: $OUT/bone_soup/results.json, results.csv, pareto.png, generations/mu_*.jsonl

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ASSISTANT = "\n\nAssistant:"
@@ -54,17 +55,29 @@ def write(path: Path, texts: list[str]) -> None:
     print(f"{path}: {len(texts)} prompts")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, as every script here answers a wrong argument
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setting", choices=["hh", "summary"])
     parser.add_argument("output", type=Path, help="folder for <setting>_{train,val,test}.jsonl")
+    parser.add_argument("--dry_run", action="store_true", help="print what would be downloaded and written")
     args = parser.parse_args()
+    name = {"hh": "Anthropic/hh-rlhf", "summary": "openai/summarize_from_feedback comparisons"}[args.setting]
+    files = [args.output / f"{args.setting}_{split}.jsonl" for split in ("train", "val", "test")]
+    if args.dry_run:
+        print(f"load {name} (train and {'test' if args.setting == 'hh' else 'validation'} splits)")
+        print(f"write {', '.join(map(str, files))}")
+        return
     args.output.mkdir(parents=True, exist_ok=True)
     train = prompts(args.setting, "train")
     test = prompts(args.setting, "test") if args.setting == "hh" else prompts(args.setting, "validation")[:2000]
-    write(args.output / f"{args.setting}_train.jsonl", train[:-VAL_SIZE])
-    write(args.output / f"{args.setting}_val.jsonl", train[-VAL_SIZE:])
-    write(args.output / f"{args.setting}_test.jsonl", test)
+    for path, texts in zip(files, (train[:-VAL_SIZE], train[-VAL_SIZE:], test), strict=True):
+        write(path, texts)
 
 
 if __name__ == "__main__":

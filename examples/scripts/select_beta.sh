@@ -7,6 +7,8 @@
 # of the prompts is 20% of the steps (the LR schedule is compressed to match). Every setting of the
 # two scripts it calls (SETTING, SFT, DATA, LAUNCH, RAY_ADDRESS, ...) passes through the environment.
 set -euo pipefail
+source "$(dirname "$0")/common.bash"
+parse_args "$@"
 
 SETTING=${SETTING:-hh}
 FULL_SAMPLES=${FULL_SAMPLES:-100000}           # prompts of a full run
@@ -16,17 +18,17 @@ OUT=${OUT:-$PWD/beta_selection/$SETTING}
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 
 SHORT_SAMPLES=$(python3 -c "print(int($FULL_SAMPLES * $FRACTION))")
-mkdir -p "$OUT"
+run mkdir -p "$OUT"
 results=()
 for beta in $BETAS; do
     # Both backbones of the short soup (one `ray job submit` each), then merge, generate, score.
     SETTING=$SETTING BETA=$beta MAX_SAMPLES=$SHORT_SAMPLES SOUP=$OUT/soup_b$beta \
-        bash "$SCRIPTS/train_bonesoup_backbones.sh"
-    SETTING=$SETTING SOUP=$OUT/soup_b$beta OUT=$OUT/eval_b$beta bash "$SCRIPTS/evaluate.sh"
+        bash "$SCRIPTS/train_bonesoup_backbones.sh" ${DRY_RUN:+--dry_run}
+    SETTING=$SETTING SOUP=$OUT/soup_b$beta OUT=$OUT/eval_b$beta bash "$SCRIPTS/evaluate.sh" ${DRY_RUN:+--dry_run}
     results+=("$OUT/eval_b$beta/bone_soup/results.json")
 done
 
 # The largest hypervolume, all runs against one reference point (their common nadir).
-openrlhf-bonesoup select-beta "${results[@]}" | tee "$OUT/select_beta.txt"
-openrlhf-bonesoup select-beta "${results[@]}" --json > "$OUT/select_beta.json"
-echo "Train the full soup with the chosen beta: BETA=<best> bash $SCRIPTS/train_bonesoup_backbones.sh"
+run openrlhf-bonesoup select-beta "${results[@]}"
+run_to "$OUT/select_beta.json" openrlhf-bonesoup select-beta "${results[@]}" --json
+[ -n "$DRY_RUN" ] || echo "Train the full soup with the chosen beta: BETA=<best> bash $SCRIPTS/train_bonesoup_backbones.sh"

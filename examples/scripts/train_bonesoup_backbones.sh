@@ -14,6 +14,8 @@
 # reward models downloaded (examples/README.md); prompts from prepare_prompts.py. $SOUP, the checkpoints
 # and this examples/ folder must be on a filesystem that every node sees (absolute paths).
 set -euo pipefail
+source "$(dirname "$0")/common.bash"
+parse_args "$@"
 
 SETTING=${SETTING:-hh}
 LAUNCH=${LAUNCH:-dropin}
@@ -48,7 +50,7 @@ for j in 0 1; do
         REWARD=(--reward_combiner single --objective "$j")
     fi
     # The reward models were downloaded beforehand: no hub access from the workers.
-    ray job submit --address="$RAY_ADDRESS" \
+    run ray job submit --address="$RAY_ADDRESS" \
         --runtime-env-json='{"env_vars": {"HF_HUB_OFFLINE": "1"}}' \
         -- python3 -m "$MODULE" \
         --ref.num_nodes 1 \

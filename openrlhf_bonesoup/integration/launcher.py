@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib.abc
 import importlib.util
 import json
+import logging
 import os
 import runpy
 import sys
@@ -108,6 +110,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
+        quiet_deepspeed()
         print(build_parser().format_help())
         print("OpenRLHF options (openrlhf.cli.train_ppo_ray):\n")
         with contextlib.suppress(SystemExit), _gpu_modules_for_parsing():
@@ -120,10 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             cpu.apply()
         if ours.dry_run:
+            quiet_deepspeed()
             # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
             with _gpu_modules_for_parsing(), contextlib.redirect_stdout(sys.stderr):
                 plan, _ = resolve(argv)
-            print(json.dumps(plan, indent=2))
+            print(json.dumps(coefficients.clean(plan), indent=2))
             return 0
         missing = [name for name in GPU_MODULES if importlib.util.find_spec(name) is None]
         if missing:
@@ -214,9 +218,45 @@ def _run_openrlhf(argv: list[str]) -> None:
     sys.argv = [UPSTREAM, *argv]
     _running_openrlhf = True
     try:
-        runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
+        with _one_line_parser_errors():
+            runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
     finally:
         _running_openrlhf = False
+
+
+@contextlib.contextmanager
+def _one_line_parser_errors() -> Iterator[None]:
+    """OpenRLHF's parser answers a mistyped flag with its whole usage (150 lines): one line instead, with
+    the closest flags of OpenRLHF's parser and ours (difflib over their option strings)."""
+    upstream = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        # argparse keeps every option string in _option_string_actions; it has no public list of them.
+        known = [*parser._option_string_actions, *build_parser()._option_string_actions]
+        flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]
+        if message.startswith("unrecognized arguments:") and flags:
+            hints = []
+            for flag in flags:
+                close = difflib.get_close_matches(flag, known, n=3)
+                hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else f"{flag} (no flag is close)")
+            message = f"unrecognized arguments: {', '.join(hints)}; see --help"
+        raise BoneSoupError(message)
+
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = upstream
+
+
+def _hide_cpu_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_deepspeed() -> None:
+    """Hide DeepSpeed's "[WARNING] Setting accelerator to CPU", logged when OpenRLHF imports it on a machine
+    without a GPU: noise where nothing trains (--help, --dry_run, the CLI's commands). A launch keeps it."""
+    logging.getLogger("DeepSpeed").addFilter(_hide_cpu_notice)  # the logger DeepSpeed creates on import
 
 
 @contextlib.contextmanager
