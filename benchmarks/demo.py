@@ -25,7 +25,9 @@ def main() -> None:
         for beta in ("0.6", "0.7", "0.8"):
             out = Path(tmp) / f"demo_{beta}"
             start = time.perf_counter()
-            subprocess.run([str(CLI), "demo", "--output", str(out), "--beta", beta], check=True, capture_output=True)
+            subprocess.run(
+                [str(CLI), "demo", "--analytic", "--output", str(out), "--beta", beta], check=True, capture_output=True
+            )
             wall = time.perf_counter() - start
             inner = json.loads((out / "results.json").read_text())["seconds"]
             print(

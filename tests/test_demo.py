@@ -80,18 +80,18 @@ def test_theorem_holds_on_random_instances():
 
 def test_demo_cli(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out)]) == 0
+    assert main(["demo", "--analytic", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Theorem 1 guarantees [0.1192, 0.8808]" in printed and "demo.png" in printed
-    assert main(["demo", "--output", str(out), "--beta", "0.8"]) == 0  # an earlier demo is replaced
+    assert main(["demo", "--analytic", "--output", str(out), "--beta", "0.8"]) == 0  # an earlier demo is replaced
     assert json.loads((out / "results.json").read_text())["beta"] == 0.8
     assert soup.read_soup(out / "bone_soup")["beta"] == 0.8
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert main(["demo", "--output", str(foreign)]) == 2
-    assert main(["demo", "--output", str(tmp_path / "x"), "--beta", "0.5"]) == 2
+    assert main(["demo", "--analytic", "--output", str(foreign)]) == 2
+    assert main(["demo", "--analytic", "--output", str(tmp_path / "x"), "--beta", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "beta must lie in" in err and "Traceback" not in err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
