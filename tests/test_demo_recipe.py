@@ -1,4 +1,4 @@
-"""The real demo, shortened: `openrlhf-bonesoup demo --steps 4` end to end, as a user runs it.
+"""The real demo: `openrlhf-bonesoup demo` end to end, as a user runs it.
 
 Four real `--cpu` PPO launches (OpenRLHF 0.11.2, vLLM's CPU build, DeepSpeed), the post-training
 hook, merges on the 11-point grid and evaluation through vLLM. The demo is first interrupted with
@@ -16,12 +16,13 @@ import sys
 import time
 
 import numpy as np
+import psutil  # Ray's dependency: the interrupted run's process tree
 import pytest
 
 from openrlhf_bonesoup import evaluate, recipe_demo, soup
 from openrlhf_bonesoup.cli import main
 
-STEPS = 4
+STEPS = 12  # the default; in the measured 12-step run (docs/demo.md) the reward had not risen by step 4
 CLI = [sys.executable, "-m", "openrlhf_bonesoup.cli", "demo"]
 
 
@@ -35,20 +36,23 @@ def demo(tmp_path_factory) -> dict:
     deadline = time.monotonic() + 300
     while not (log.is_file() and "Ray" in log.read_text(errors="replace")) and time.monotonic() < deadline:
         time.sleep(1)
+    tree = psutil.Process(first.pid).children(recursive=True)  # the launch, Ray, its actors
     first.send_signal(signal.SIGINT)  # Ctrl-C, during the first PPO launch
     _, interrupted_err = first.communicate(timeout=120)
+    _, alive = psutil.wait_procs(tree, timeout=60)
 
     start = time.perf_counter()
     done = subprocess.run([*CLI, "--output", str(out), "--steps", str(STEPS)], env=env, text=True,
                           capture_output=True, timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
     return {"out": out, "stdout": done.stdout, "seconds": time.perf_counter() - start, "first": first,
-            "interrupted_err": interrupted_err}  # fmt: skip
+            "interrupted_err": interrupted_err, "tree": tree, "alive": alive}  # fmt: skip
 
 
 def test_ctrl_c_ended_the_first_run_and_left_nothing_blocking(demo):
-    assert demo["first"].returncode != 0
-    assert "Traceback" not in demo["interrupted_err"]
+    assert demo["first"].returncode == 130
+    assert "interrupted" in demo["interrupted_err"] and "Traceback" not in demo["interrupted_err"]
+    assert len(demo["tree"]) > 3 and demo["alive"] == []  # Ray and the launch's processes ended with it
 
 
 def test_every_file_it_writes(demo):
