@@ -283,6 +283,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"Bone Soup beats Rewarded Soup for mu_1 in {r['win_interval']} (measured); "
         f"Theorem 1 guarantees [{r['theorem_interval'][0]:.4f}, {r['theorem_interval'][1]:.4f}]"
     )
+    for region in r["n3"]:
+        print(
+            f"n = 3, beta {region['beta']:g}: Bone Soup beats Rewarded Soup wherever min_i mu_i >= "
+            f"{region['wins_where_min_mu_at_least']:g} ({region['share_won']:.1%} of {region['points']} preferences)"
+        )
     print(f"wrote {args.output}/results.json and {args.output}/{r['plot']}")
     return 0
 
