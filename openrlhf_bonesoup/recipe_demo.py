@@ -210,6 +210,17 @@ def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts
             )
         tell(f"merged and evaluated {soup_name} at {GRID} preferences through {evaluated[soup_name]['backend']}")
 
+    results = summary(output, evaluated, reference, steps, seed)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    tell(f"wrote {output / 'results.json'} and {output / 'demo.png'}")
+    return results
+
+
+def summary(output: Path, evaluated: dict, reference: np.ndarray, steps: int, seed: int) -> dict:
+    """results.json's content from both evaluations, and demo.png."""
+    from openrlhf_bonesoup import evaluate
+
     fronts = {k: np.asarray(v["mean"]) for k, v in evaluated.items()}
     # Backbone j itself is the soup merged at mu = row j of its B (lambda = e_j), a point of the grid.
     prefs = np.asarray(evaluated["bone_soup"]["preferences"])
@@ -231,7 +242,9 @@ def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts
         "pareto": {k: evaluate.pareto_mask(v).tolist() for k, v in fronts.items()},
         "backbones": backbones,
         # Training moved backbone j as intended: its own objective j above the SFT policy's.
-        "moved": {k: [v[j][j] > reference[j] for j in range(2)] for k, v in backbones.items()},
+        "moved": {k: [bool(v[j][j] > reference[j]) for j in range(2)] for k, v in backbones.items()},
+        # ... and further than the other backbone did: each backbone is best at its own objective.
+        "specialised": {k: [bool(v[j][j] > v[1 - j][j]) for j in range(2)] for k, v in backbones.items()},
         "soups": {k: str(output / k) for k in SOUPS},
         "plot": "demo.png",
         "logs": "logs/",
@@ -241,7 +254,4 @@ def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    tell(f"wrote {output / 'results.json'} and {output / 'demo.png'}")
     return results
