@@ -48,6 +48,36 @@ def theorem_interval(beta: float) -> list[float]:
     return [float((1 - s) / 2), float((1 + s) / 2)]
 
 
+# n = 3: each objective wants its own coordinate and is 10x more sensitive to the two the others want.
+CENTERS_3 = np.eye(3).tolist()
+CURVATURES_3 = (np.full((3, 3), 10.0) - 9.0 * np.eye(3)).tolist()
+
+
+def win_region_n3(beta: float, step: float = 0.02) -> dict:
+    """n = 3, closed form: where on a simplex grid Bone Soup's merge beats Rewarded Soup's (mu . r).
+
+    The analogue of n = 2's interval: the smallest t such that Bone Soup wins at every grid preference
+    with min_i mu_i >= t (n = 2's interval [lo, 1 - lo] is min(mu) >= lo), and the share of the grid won.
+    """
+    from openrlhf_bonesoup.coefficients import merge_coefficients
+
+    c, a = CENTERS_3, CURVATURES_3
+    matrix = backbone_matrix(beta, 3)
+    bone = np.stack([optimum(row, c, a) for row in matrix])
+    k = round(1 / step)
+    grid = np.array([(i, j, k - i - j) for i in range(k + 1) for j in range(k + 1 - i)]) / k
+    wins = []
+    for mu in grid:
+        theta_bone = merge_coefficients(matrix, mu) @ bone
+        theta_rs = mu @ np.asarray(c)  # Rewarded Soup: sum_i mu_i c_i, each ingredient the optimum of r_i
+        wins.append(mu @ rewards(theta_bone, c, a) >= mu @ rewards(theta_rs, c, a) - 1e-12)
+    wins, low = np.asarray(wins), grid.min(axis=1)
+    losing = low[~wins]
+    threshold = float(losing.max() + step) if losing.size else 0.0
+    return {"beta": float(beta), "step": step, "wins_where_min_mu_at_least": round(threshold, 6),
+            "share_won": float(wins.mean()), "points": len(grid)}  # fmt: skip
+
+
 def _soup(folder: Path, beta: float, rows: np.ndarray) -> None:
     """A soup folder whose backbone j is the optimum of sum_i rows[j, i] r_i, saved as safetensors."""
     from safetensors.numpy import save_file
@@ -137,6 +167,7 @@ def run_demo(output: str | os.PathLike, beta: float = 0.7) -> dict:
             "this_instance": "hypervolume: Bone Soup above Rewarded Soup on this instance; not on every instance",
         },
         "fronts": {name: front.tolist() for name, front in fronts.items()},
+        "n3": [win_region_n3(b) for b in (0.6, 0.7, 0.8)],
         "soups": {"bone_soup": str(bone_dir), "rewarded_soup": str(rewarded_dir)},
         "plot": "demo.png",
     }

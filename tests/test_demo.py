@@ -80,19 +80,39 @@ def test_theorem_holds_on_random_instances():
 
 def test_demo_cli(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out)]) == 0
+    assert main(["demo", "--analytic", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Theorem 1 guarantees [0.1192, 0.8808]" in printed and "demo.png" in printed
-    assert main(["demo", "--output", str(out), "--beta", "0.8"]) == 0  # an earlier demo is replaced
+    assert main(["demo", "--analytic", "--output", str(out), "--beta", "0.8"]) == 0  # an earlier demo is replaced
     assert json.loads((out / "results.json").read_text())["beta"] == 0.8
     assert soup.read_soup(out / "bone_soup")["beta"] == 0.8
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert main(["demo", "--output", str(foreign)]) == 2
-    assert main(["demo", "--output", str(tmp_path / "x"), "--beta", "0.5"]) == 2
+    assert main(["demo", "--analytic", "--output", str(foreign)]) == 2
+    assert main(["demo", "--analytic", "--output", str(tmp_path / "x"), "--beta", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "beta must lie in" in err and "Traceback" not in err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("beta", [0.6, 0.7, 0.8])
+def test_n3_region_where_bone_soup_wins(beta):
+    """n = 3: checked against backbones found by numerical optimisation, not the closed form."""
+    region = demo.win_region_n3(beta)
+    t = region["wins_where_min_mu_at_least"]
+    assert 0 < t < 1 / 3 and 0.5 < region["share_won"] < 1
+    c, a = np.eye(3), np.asarray(demo.CURVATURES_3)
+    b = backbone_matrix(beta, 3)
+    found = [minimize(lambda x, w=row: -np.dot(w, demo.rewards(x, c, a)), x0=np.zeros(3)).x for row in b]
+    rng = np.random.default_rng(0)
+    for mu in rng.dirichlet([1, 1, 1], 400):
+        bone = np.linalg.solve(b.T, mu) @ np.stack(found)
+        gain = mu @ demo.rewards(bone, c, a) - mu @ demo.rewards(mu, c, a)  # Rewarded Soup: theta = mu
+        if mu.min() >= t:
+            assert gain >= -1e-5, (mu, gain)
+    corner = np.array([1.0, 0.0, 0.0])  # r_1's own optimum is Rewarded Soup's corner: Bone Soup loses there
+    bone = np.linalg.solve(b.T, corner) @ np.stack(found)
+    assert corner @ demo.rewards(bone, c, a) < corner @ demo.rewards(corner, c, a) - 1e-3

@@ -456,6 +456,6 @@ def test_select_beta_and_the_demo_are_rounded(evaluation, tmp_path):
     for flags in ([], ["--json"]):
         r = run("select-beta", tmp_path / "b07.json", tmp_path / "b08.json", *flags)
         assert r.returncode == 0 and unrounded(r.stdout) == [], (r.stderr[-2000:], unrounded(r.stdout))
-    r = run("demo", "--output", tmp_path / "demo")
+    r = run("demo", "--analytic", "--output", tmp_path / "demo")
     assert r.returncode == 0, r.stderr[-2000:]
     assert unrounded(r.stdout, (tmp_path / "demo" / "results.json").read_text()) == []
