@@ -47,10 +47,11 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from openrlhf_bonesoup.coefficients import backbone_matrix  # noqa: E402
 from openrlhf_bonesoup.merge import merge_soup  # noqa: E402
+from openrlhf_bonesoup.tiny import CORPUS  # noqa: E402
 
 CONCURRENCY = 8
 MAX_TOKENS = 32
-PROMPTS = tiny_models.CORPUS
+PROMPTS = CORPUS
 B = backbone_matrix(0.7, 2)
 
 

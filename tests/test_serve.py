@@ -35,13 +35,16 @@ from safetensors.torch import load_file
 from openrlhf_bonesoup import cli, serve, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
 from openrlhf_bonesoup.merge import sweep_outputs
+from openrlhf_bonesoup.tiny import CORPUS
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
 )
 PREFERENCES = [[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]]
-PROMPTS = ["Human: How do I bake bread? Assistant:", "Summarize: The quick brown fox"]
+# the third prompt fills 3 blocks of vLLM's prefix cache (128 tokens on CPU, 16 on a GPU): kept across a weight
+# switch, they would hold the previous preference's keys and values
+PROMPTS = ["Human: How do I bake bread? Assistant:", "Summarize: The quick brown fox", " ".join(CORPUS)]
 CHAT = [{"role": "user", "content": "Tell me a joke."}]
 MAX_TOKENS = 12
 CONTEXT = 2048  # room for a request that runs for many seconds (the disconnect test)
