@@ -10,6 +10,7 @@ the installed, real openrlhf 0.11.2, vLLM (its CPU build), DeepSpeed and Ray.
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -90,3 +91,56 @@ def tiny_gpu(tmp_path_factory) -> dict[str, Path]:
     tiny_models.make_openrlhf_rm(paths["rm"], paths["policy"], seed=2)
     tiny_models.make_hf_classifier(paths["classifier"], gpt2_tok, seed=4, hidden_size=256)
     return paths
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_serve(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """`openrlhf-bonesoup serve ARGS --port P` started as a user starts it; returns (process, base URL) at once.
+    Its output goes to files (a pipe nobody reads would block the server once full): `stop_serve` returns it."""
+    import sys
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "openrlhf-bonesoup"), "serve", "--port", str(port), *args]
+    out = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = out
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def serve_output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def wait_serve(proc: subprocess.Popen, url: str, timeout: float = 600) -> None:
+    """Until GET /health answers (vLLM's engine start: 10-80 s on a busy 2-core machine)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited with {proc.returncode}: {serve_output(proc)[-3000:]}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_serve(proc)
+                pytest.fail(f"serve did not answer /health within {timeout} s")
+            time.sleep(0.5)
+
+
+def stop_serve(proc: subprocess.Popen) -> str:
+    """SIGTERM, as a service manager stops it; returns everything it printed (stdout and stderr)."""
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(timeout=120)
+    return serve_output(proc)

