@@ -154,10 +154,8 @@ def main() -> None:
         print(f"{'case':<10} {head}")
         for case, names, goal in (("shared", ("rm_a", "rm_b"), 1.05), ("different", ("rm_a", "rm_gpt2"), 1.15)):
             objs = objectives.load_objectives(
-                ",".join(str(paths[n]) for n in names),
-                policy_tokenizer=policy,
-                model_kwargs={"attn_implementation": "sdpa"},
-            )
+                ",".join(str(paths[n]) for n in names), policy_tokenizer=policy
+            )  # each with its own attention: sdpa for these LLaMA / GPT-2 RMs on CPU
             for o in objs:
                 o.model.float()
             t = measure(objs, policy, input_ids, mask, args.repeats)

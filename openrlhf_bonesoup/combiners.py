@@ -56,6 +56,23 @@ class Combination:
                 values[:, i] = (raw[:, i] - self.mean[i]) / max(std, 1e-8)
         return values @ self.weights, values
 
+    def state(self) -> dict:
+        """The running statistics, as plain numbers: saved with OpenRLHF's checkpoint (worker.py)."""
+        return {
+            "names": list(self.names),
+            "count": self.count.tolist(),
+            "mean": self.mean.tolist(),
+            "m2": self.m2.tolist(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state()` of a run with the same objectives (a resumed run)."""
+        if state["names"] != self.names:
+            raise BoneSoupError(
+                f"the checkpoint's running statistics are for objectives {state['names']}, this launch has {self.names}"
+            )
+        self.count, self.mean, self.m2 = (np.asarray(state[k], dtype=np.float64) for k in ("count", "mean", "m2"))
+
 
 def combiner_weights(
     combiner: str,

@@ -46,7 +46,10 @@ SPEC_KEYS = {
     "deadline",
     "trust_remote_code",
     "gpu",
+    "attn_implementation",
 }
+# What a model objective's `attn_implementation` may say (transformers' names).
+ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
 DEFAULT_MAX_LEN = 2048
 MAX_RETRIES = 10
 
@@ -144,6 +147,11 @@ def _check_entry(entry: Any, index: int, base: Path) -> dict:
             raise BoneSoupError(f"{where}: {key} must be true or false, got {spec[key]!r}")
     if spec.get("gpu") and kind != "function":
         raise BoneSoupError(f"{where}: `gpu: true` applies to reward_func files (checkpoints always run on GPUs)")
+    if "attn_implementation" in spec and (kind != "model" or spec["attn_implementation"] not in ATTENTION):
+        raise BoneSoupError(
+            f"{where}: attn_implementation applies to checkpoints and must be one of {', '.join(ATTENTION)}, "
+            f"got {spec['attn_implementation']!r}"
+        )
     spec["normalize"] = _check_normalize(spec.get("normalize", "none"), where)
     named = "name" in spec
     name = str(spec["name"]) if named else _default_name(spec)
@@ -158,14 +166,14 @@ def _resolved(path: str, base: Path) -> str:
     return str(candidate.resolve()) if candidate.exists() else path
 
 
-def _check_local(objective: Objective, path: str) -> None:
+def _check_local(name: str, path: str) -> None:
     """A missing path that looks local (starts with '.', '/' or '~', or names an existing folder) is a
     typo, refused here: transformers would take it for a hub id and wait for the network."""
     candidate = Path(path).expanduser()
     if not candidate.exists() and (
         path.startswith((".", "/", "~")) or str(candidate.parent) != "." and candidate.parent.is_dir()
     ):
-        raise BoneSoupError(f"objective {objective.name}: {path} does not exist")
+        raise BoneSoupError(f"objective {name}: {path} does not exist")
 
 
 def _default_name(spec: dict) -> str:
@@ -210,22 +218,32 @@ def load_objectives(
     policy_tokenizer: Any = None,
     device: Any = "cpu",
     model_kwargs: dict | None = None,
+    gpu: bool | None = None,
+    ring_attention: bool = False,
 ) -> list[Objective]:
     """Load every objective of `spec` (see parse_objectives).
 
     policy_tokenizer: the policy's tokenizer, when scoring rollouts given as its token ids; OpenRLHF
     RMs with the same vocabulary and eos then take those ids directly. model_kwargs go to OpenRLHF's
-    `get_llm_for_sequence_regression` (param_dtype, attn_implementation, ds_config, ...); classifiers
-    use its param_dtype and attn_implementation.
+    `get_llm_for_sequence_regression` (param_dtype, ds_config, packing_samples, ...); classifiers use its
+    param_dtype. Each model's attention is its own (`attention`), never a launch-wide flag. gpu: whether
+    the models will run on a CUDA GPU (default: `device` is one; the reward actor loads on the CPU for
+    DeepSpeed to place). ring_attention: OpenRLHF's ring attention is set up in this process.
     """
     from tqdm import tqdm
 
-    model_kwargs = {"param_dtype": "bf16", "attn_implementation": "sdpa", **(model_kwargs or {})}
+    model_kwargs = {"param_dtype": "bf16", **(model_kwargs or {})}
+    if "attn_implementation" in model_kwargs:
+        raise BoneSoupError("attention is chosen per objective: give `attn_implementation` in its spec instead")
+    if gpu is None:
+        import torch
+
+        gpu = torch.device(device).type == "cuda"
     objectives = []
     for spec_i in tqdm(parse_objectives(spec), desc="loading objectives", disable=None):
         objective = Objective(name=spec_i["name"], kind=spec_i["kind"], spec=spec_i, device=device)
         if objective.kind == "model":
-            _load_model(objective, policy_tokenizer, model_kwargs)
+            _load_model(objective, policy_tokenizer, model_kwargs, gpu, ring_attention)
         elif objective.kind == "function":
             module_spec = importlib.util.spec_from_file_location(f"reward_func_{objective.name}", spec_i["path"])
             module = importlib.util.module_from_spec(module_spec)
@@ -237,36 +255,20 @@ def load_objectives(
     return objectives
 
 
-def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict) -> None:
+def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict, gpu: bool, ring: bool) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path, trust = objective.spec["path"], objective.spec.get("trust_remote_code", False)
-    for name in {path, objective.spec.get("tokenizer", path)}:
-        _check_local(objective, name)
-    # The config as a dict: deciding the kind of checkpoint must not run its remote code.
-    config_dict, _ = PretrainedConfig.get_config_dict(path)
-    if config_dict.get("auto_map") and not trust:
-        raise BoneSoupError(
-            f"objective {objective.name}: {path} loads with its own Python code (auto_map); if you trust it, "
-            "add `trust_remote_code: true` to this objective in an objectives file"
-        )
-    if any(a.endswith("ForSequenceClassification") for a in config_dict.get("architectures") or []):
-        objective.head = "classifier"
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        label = objective.spec.get("label", 0 if config.num_labels == 1 else None)
-        if label is None or label >= config.num_labels:
-            raise BoneSoupError(
-                f"objective {objective.name}: {path} has {config.num_labels} labels: choose one with "
-                "`label: k` (and `output: logit|prob`) in an objectives file"
-            )
+    prefix = model_kwargs.get("value_head_prefix")
+    config, objective.head = check_model(objective.spec, ring_attention=ring, value_head_prefix=prefix)
+    attn = attention(objective.spec, config, gpu=gpu, ring_attention=ring)
+    if objective.head == "classifier":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model_kwargs["param_dtype"], torch.float32)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, attn_implementation=model_kwargs["attn_implementation"], trust_remote_code=trust
+            path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
         )
     else:
-        objective.head = "openrlhf"
-        _check_value_head(objective, config_dict.get("value_head_prefix", model_kwargs.get("value_head_prefix")))
         try:
             from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
 
@@ -277,7 +279,11 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
                 f"objective {objective.name}: OpenRLHF's reward model loader cannot import here ({e}); "
                 "install openrlhf with its flash-attn, or use an HF *ForSequenceClassification checkpoint"
             ) from None
-        model = get_llm_for_sequence_regression(path, "reward", **model_kwargs)
+        kwargs = {**model_kwargs, "attn_implementation": attn}
+        # Packed rows (no attention mask) are right only with flash attention's variable-length kernels;
+        # padded rows are right with any attention.
+        kwargs["packing_samples"] = kwargs.get("packing_samples", False) and attn.startswith("flash")
+        model = get_llm_for_sequence_regression(path, "reward", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(objective.spec.get("tokenizer", path), trust_remote_code=trust)
     if tokenizer.pad_token is None:  # as openrlhf.utils.get_tokenizer does
         tokenizer.pad_token = tokenizer.eos_token
@@ -294,11 +300,109 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict)
     )
 
 
-def _check_value_head(objective: Objective, prefix: str | None) -> None:
+# ---------------------------------------------------------------------------------------------------
+# Pre-flight: what can be known of a model objective from its config.json and safetensors headers,
+# checked before Ray, DeepSpeed or vLLM start (launcher, soup init) and again where it loads.
+
+
+def check_models(specs: Sequence[dict], *, ring_attention: bool = False) -> None:
+    """Every model objective of `specs`: exists, its kind (HF classifier or OpenRLHF RM with a value
+    head), its label, remote code only when trusted; no weights loaded. BoneSoupError, one line."""
+    for spec in specs:
+        if spec["kind"] == "model":
+            check_model(spec, ring_attention=ring_attention, cached_only=True)
+
+
+def check_model(
+    spec: dict, *, ring_attention: bool = False, value_head_prefix: str | None = None, cached_only: bool = False
+) -> tuple[dict, str]:
+    """Pre-flight of one model objective; returns (its config.json as a dict, "classifier" | "openrlhf").
+    value_head_prefix: the loader's, when config.json names none. cached_only: a hub id is checked only
+    when its config is in the local Hugging Face cache (no network; else where it loads)."""
+    from transformers import PretrainedConfig
+
+    name, path = spec["name"], spec["path"]
+    for where in {path, spec.get("tokenizer", path)}:
+        _check_local(name, where)
+    local = Path(path).is_dir()
+    if local and not (Path(path) / "config.json").is_file():
+        raise BoneSoupError(f"objective {name}: {path} has no config.json: it is not a checkpoint folder")
+    # The config as a dict: deciding the kind of checkpoint must not run its remote code.
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path, local_files_only=cached_only)
+    except OSError:
+        if cached_only and not local:  # a hub id not in the cache: checked where it loads
+            return {}, "openrlhf"
+        raise
+    if config.get("auto_map") and not spec.get("trust_remote_code", False):
+        raise BoneSoupError(
+            f"objective {name}: {path} loads with its own Python code (auto_map); if you trust it, "
+            "add `trust_remote_code: true` to this objective in an objectives file"
+        )
+    if _is_classifier(config):
+        labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+        label = spec.get("label", 0 if labels == 1 else None)
+        if label is None or label >= labels:
+            raise BoneSoupError(
+                f"objective {name}: {path} has {labels} labels: choose one with `label: k` (and `output: "
+                "logit|prob`) in an objectives file"
+            )
+        if ring_attention and spec.get("attn_implementation", "").startswith("flash"):
+            raise BoneSoupError(
+                f"objective {name}: attn_implementation {spec['attn_implementation']} with --ds.ring_attn_size > 1: "
+                "OpenRLHF's ring attention replaces transformers' flash attention in the reward actors with a "
+                "kernel for packed causal batches; give this classifier sdpa or eager (the default there)"
+            )
+        return config, "classifier"
+    _check_value_head(name, path, config.get("value_head_prefix", value_head_prefix))
+    return config, "openrlhf"
+
+
+def attention(spec: dict, config: dict, *, gpu: bool, ring_attention: bool = False) -> str:
+    """The attention a model objective loads with: its spec's `attn_implementation`, else the best its
+    model class supports: flash attention 2 (on a CUDA GPU with flash-attn installed), then sdpa, then
+    eager. Never the policy's flag: DeBERTa-v2/v3 classifiers, common reward and safety models, support
+    neither flash attention nor sdpa. Under ring attention a classifier gets no flash attention: OpenRLHF
+    swaps transformers' flash-attention function, process-wide, for a kernel of packed causal batches.
+    `serve` loads its objectives with this too. `config`: the checkpoint's config.json as a dict."""
+    if "attn_implementation" in spec:
+        return spec["attn_implementation"]
+    cls = _model_class(spec, config)
+    flash_ok = gpu and not (ring_attention and _is_classifier(config))
+    if flash_ok and getattr(cls, "_supports_flash_attn", False):
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def _model_class(spec: dict, config: dict) -> Any:
+    """The class transformers instantiates for this checkpoint: the classifier's, or the base model's that
+    OpenRLHF's loader wraps (`AutoModel._model_mapping`, as get_llm_for_sequence_regression looks it up)."""
+    from transformers import CONFIG_MAPPING, AutoModel, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if _is_classifier(config) else AutoModel
+    remote = (config.get("auto_map") or {}).get(auto.__name__)
+    if remote and spec.get("trust_remote_code", False):
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(remote, spec["path"])
+    try:
+        return auto._model_mapping[CONFIG_MAPPING[config["model_type"]]]
+    except KeyError:
+        return None  # a model transformers does not know: the loader names the problem
+
+
+def _is_classifier(config: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def _check_value_head(name: str, path: str, prefix: str | None) -> None:
     """A local checkpoint without the value head's weights is a causal LM, not a reward model:
     OpenRLHF's loader would score it with a freshly initialised head (only transformers' MISSING note)."""
     prefix = prefix or "score"
-    folder = Path(objective.spec["path"])
+    folder = Path(path)
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
         names = set(json.loads(index[0].read_text())["weight_map"])
@@ -314,6 +418,6 @@ def _check_value_head(objective: Objective, prefix: str | None) -> None:
                 names.update(handle.keys())
     if f"{prefix}.weight" not in names:
         raise BoneSoupError(
-            f"objective {objective.name}: {folder} has no value head `{prefix}.weight`: it is not a reward model "
+            f"objective {name}: {folder} has no value head `{prefix}.weight`: it is not a reward model "
             "(a causal LM would be scored by a random head); give an OpenRLHF RM or an HF *ForSequenceClassification"
         )

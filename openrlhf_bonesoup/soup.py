@@ -47,6 +47,34 @@ def _write(soup_dir: Path, manifest: dict) -> None:
     os.replace(tmp, soup_dir / MANIFEST)
 
 
+def checkpoint_path(path: str | os.PathLike, what: str, *, hub_ok: bool = False) -> str:
+    """A policy checkpoint named on a command line (the SFT model, a backbone), checked from its config.json
+    alone: an existing folder holding a model, not a reward model or classifier; returned absolute (a soup
+    is read from other directories and nodes). hub_ok: a hub id (a name that does not look local) passes
+    as it is."""
+    text = str(path)
+    candidate = Path(text).expanduser()
+    if not candidate.exists():
+        looks_local = text.startswith((".", "/", "~")) or str(candidate.parent) != "." and candidate.parent.is_dir()
+        if hub_ok and not looks_local:
+            return text
+        raise BoneSoupError(f"{what} {text} does not exist: give a checkpoint folder")
+    if (candidate / "adapter_config.json").is_file():  # a LoRA backbone
+        return str(candidate.resolve())
+    if not (candidate / "config.json").is_file():
+        raise BoneSoupError(f"{what} {text} has no config.json: it is not a checkpoint folder")
+    config = json.loads((candidate / "config.json").read_text())
+    heads = [
+        a
+        for a in config.get("architectures") or []
+        if a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+    ]
+    if heads or "value_head_prefix" in config:
+        kind = heads[0] if heads else "an OpenRLHF reward model (value_head_prefix)"
+        raise BoneSoupError(f"{what} {text} is {kind}, not a policy model")
+    return str(candidate.resolve())
+
+
 def read_soup(soup_dir: str | os.PathLike) -> dict:
     """The manifest of soup_dir, validated (format, B); BoneSoupError when missing or malformed."""
     path = Path(soup_dir) / MANIFEST

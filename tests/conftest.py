@@ -60,9 +60,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     - rm_llama: OpenRLHF-format RM sharing the policy tokenizer
     - rm_gpt2: OpenRLHF-format RM on GPT-2 with its own "gpt2" tokenizer
     - classifier: HF GPT-2 sequence classifier (2 labels), "gpt2" tokenizer
+    - deberta: HF DeBERTa-v2 sequence classifier (2 labels; no flash attention, no sdpa), "gpt2" tokenizer
     """
     root = tmp_path_factory.mktemp("tiny")
-    paths = {name: root / name for name in ("policy", "gpt2_lm", "rm_llama", "rm_gpt2", "classifier")}
+    names = ("policy", "gpt2_lm", "rm_llama", "rm_gpt2", "classifier", "deberta")
+    paths = {name: root / name for name in names}
     llama_tok = tiny_models.make_tokenizer(root / "tok_llama", "llama")
     gpt2_tok = tiny_models.make_tokenizer(root / "tok_gpt2", "gpt2")
     tiny_models.make_llama_lm(paths["policy"], llama_tok, seed=0)
@@ -70,6 +72,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     tiny_models.make_openrlhf_rm(paths["rm_llama"], paths["policy"], seed=2)
     tiny_models.make_openrlhf_rm(paths["rm_gpt2"], paths["gpt2_lm"], seed=3)
     tiny_models.make_hf_classifier(paths["classifier"], gpt2_tok, seed=4)
+    tiny_models.make_deberta_classifier(paths["deberta"], gpt2_tok, seed=5)
     return paths
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from rollouts import reference_rm
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from openrlhf_bonesoup import evaluate, objectives, soup
 from openrlhf_bonesoup.cli import main
@@ -219,3 +220,29 @@ def test_evaluate_a_lora_soup(tiny, tmp_path):
     # lambda = ((0.3 - 0.3) / 0.4, (0.7 - 0.3) / 0.4) = (0, 1) for B(0.7)
     assert record["weights"] == pytest.approx([0.0, 1.2], abs=1e-12)
     assert np.isfinite(r["mean"]).all() and r["samples"] == [1]
+
+
+def test_evaluate_scores_a_deberta_classifier_with_the_attention_it_supports(soup_dir, tiny, tmp_path):
+    """DeBERTa-v2 (the usual reward and safety classifier) supports neither flash attention nor sdpa:
+    evaluate loads it with eager attention and scores as its plain transformers forward does."""
+    root = soup_dir.parent
+    specs = [{"name": "helpful", "path": str(tiny["rm_llama"])}, {"name": "safe", "path": str(tiny["deberta"])}]
+    specs[1]["label"] = 1
+    (tmp_path / "objectives.json").write_text(json.dumps(specs))
+    r = evaluate.evaluate(
+        soup_dir,
+        [[0.5, 0.5]],
+        root / "val.jsonl",
+        tmp_path / "out",
+        objectives=str(tmp_path / "objectives.json"),
+        sampling={"max_new_tokens": 4, "batch_size": 2, "backend": "transformers"},
+    )
+    assert r["objectives"] == ["helpful", "safe"]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "generations" / "mu_0.50_0.50.jsonl").read_text().splitlines()]
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny["deberta"]), dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny["deberta"]))
+    with torch.no_grad():
+        want = [
+            model(**tok(x["prompt"] + x["response"], return_tensors="pt")).logits[0, 1].float().item() for x in lines
+        ]
+    np.testing.assert_allclose([x["safe"] for x in lines], want, atol=5e-3)

@@ -23,19 +23,24 @@ log-probs the trainer computes; the whole PPO loop is tests/test_launch.py.
 
 from __future__ import annotations
 
+import copy
+import http.server
 import json
+import os
 import runpy
 import sys
+import threading
 
 import numpy as np
 import pytest
 import ray
 import rollouts
 import torch
-from openrlhf.trainer.ray.launcher import RayActorGroup
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
 from openrlhf.utils import get_strategy
 from rollouts import RULES, by_hand, format_reward, logged, queries_of
-from transformers import AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from openrlhf_bonesoup.integration import actor as bonesoup_actor
 from openrlhf_bonesoup.integration import launcher, worker
@@ -123,9 +128,16 @@ def test_train_ppo_ray_builds_the_reward_group_from_our_actor(cluster):
         ray.get(refs)
 
 
-def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny, tiny_gpu):
+@pytest.fixture(scope="module")
+def actor_steps(cluster, tiny_gpu):
+    """Two steps of rollouts for the reward-actor route (no remote_url: the engine actor scores nothing)."""
+    steps, _, models = rollouts.rollout_steps(cluster["mixed"], tiny_gpu["policy"])
+    return steps, models
+
+
+def test_reward_actor_route_combines_once_per_step_in_the_trainer(cluster, tiny, actor_steps):
     args = cluster["mixed"]
-    steps, _, models = rollouts.rollout_steps(args, tiny_gpu["policy"])
+    steps, models = actor_steps
     assert models == []  # the rollout process holds no reward model (vLLM's policy lives in its engine core)
 
     # Two reward actors (num_gpus=0: no DeepSpeed here), as train() builds its reward group.
@@ -177,3 +189,222 @@ def test_reward_func_route_combines_the_raw_values_in_the_trainer(cluster, tiny,
     how = [o["normalize"] for o in args.bonesoup["objectives"]]
     for experiences, want in zip(made, by_hand(raw_steps, how, [0.6, 0.4]), strict=True):
         np.testing.assert_allclose(logged(experiences, "reward"), want, rtol=1e-5, atol=1e-5)
+
+
+# --- each objective's own attention, beside OpenRLHF's default flags --------------------------------
+
+
+def attention_of(actor) -> list[tuple[str, str]]:
+    """Run inside a reward actor (__ray_call__): each model objective's attention implementation."""
+    return [(o.name, o.model.config._attn_implementation) for o in actor.objectives if o.kind == "model"]
+
+
+def test_a_deberta_classifier_scores_beside_openrlhfs_default_attention(cluster, tiny, tmp_path):
+    """OpenRLHF's default `--ds.attn_implementation` is flash_attention_2, which DeBERTa-v2 (like sdpa) does
+    not support: the reward actor loads each objective with the attention its model supports."""
+    specs = [{"name": "helpful", "path": str(tiny["rm_llama"])}, {"name": "safe", "path": str(tiny["deberta"])}]
+    specs[1]["label"] = 1
+    (tmp_path / "objectives.yaml").write_text(json.dumps(specs))
+    argv = rollouts.launch_argv(tiny["policy"], tmp_path / "objectives.yaml")
+    del argv[argv.index("--ds.attn_implementation") : argv.index("--ds.attn_implementation") + 2]
+    _, args = launcher.resolve(argv)
+    assert args.ds.attn_implementation == "flash_attention_2"  # upstream's default, left as it is
+    group = RayActorGroup(1, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
+    ray.get(group.async_run_method("load_objectives", get_strategy(args), args.reward.model_name_or_path))
+    assert ray.get(group.async_run_method("__ray_call__", attention_of)) == [[("helpful", "sdpa"), ("safe", "eager")]]
+
+    policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
+    texts = ["Human: How do I bake bread? Assistant: knead", "Human: Tell me a joke. Assistant: no"]
+    batch = policy([t + policy.eos_token for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
+    refs = group.async_run_method_batch(
+        "forward", sequences=[batch["input_ids"]], attention_mask=[batch["attention_mask"]],
+        prompts=[texts], labels=[[None, None]],
+    )  # fmt: skip
+    (got,) = ray.get(refs)[0]
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny["deberta"]), dtype=torch.bfloat16).eval()
+    own = AutoTokenizer.from_pretrained(str(tiny["deberta"]))
+    with torch.no_grad():  # the classifier's plain forward on the text without the policy's special tokens
+        want = [model(**own(t, return_tensors="pt")).logits[0, 1].float().item() for t in texts]
+    np.testing.assert_allclose(got[:, 1].numpy(), want, atol=5e-3)
+
+
+# --- ring attention / DeepSpeed tensor parallelism: duplicate ranks --------------------------------
+
+
+class Counting(http.server.BaseHTTPRequestHandler):
+    """An endpoint of OpenRLHF's remote RM protocol that counts its calls: reward = len(query)."""
+
+    calls: list[int] = []
+
+    def do_POST(self):
+        queries = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"]
+        Counting.calls.append(len(queries))
+        body = json.dumps({"rewards": [float(len(q)) for q in queries]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+COUNTED_RULES = """
+def reward_func(queries, prompts, labels):
+    with open({log!r}, "a") as f:  # one line per call, in whichever process runs it
+        f.write(f"{{len(queries)}}\\n")
+    return [2.0 * len(q) for q in queries]
+"""
+
+
+def join_on_gloo(actor) -> None:
+    """Run inside a reward actor: torch.distributed on gloo (DeepSpeed's set-up, setup_distributed, needs CUDA),
+    then the plugin's duplicate group, as init_model_from_pretrained does after it."""
+    torch.distributed.init_process_group("gloo")
+    actor.join_duplicates()
+
+
+def test_duplicate_ranks_call_endpoints_and_functions_once_per_micro_batch(cluster, tiny, actor_steps, tmp_path):
+    """`--ds.ring_attn_size 2`: upstream builds the reward group with duplicate_actors = 2 and hands both ranks
+    every micro-batch. The RM runs on both; the endpoint and the reward_func once, and both ranks return
+    the first rank's values."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log = tmp_path / "calls.log"
+    (tmp_path / "counted.py").write_text(COUNTED_RULES.format(log=str(log)))
+    specs = [
+        {"name": "helpful", "path": str(tiny["rm_llama"])},
+        {"name": "remote", "url": f"http://127.0.0.1:{server.server_address[1]}/get_reward"},
+        {"name": "rules", "path": str(tmp_path / "counted.py")},
+    ]
+    (tmp_path / "objectives.yaml").write_text(json.dumps(specs))
+    _, args = launcher.resolve(rollouts.launch_argv(tiny["policy"], tmp_path / "objectives.yaml"))
+    args.ds.ring_attn_size = 2  # after the launcher's checks: upstream's would ask for packing and vLLM
+    strategy = get_strategy(args)
+    rewards = RayActorGroup(2, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0, duplicate_actors=2)
+    try:
+        ray.get(rewards.async_run_method("load_objectives", strategy, args.reward.model_name_or_path))
+        ray.get(rewards.async_run_method("__ray_call__", join_on_gloo))
+        Counting.calls.clear()
+        steps, _ = actor_steps
+        made = ray.get(rollouts.make_experiences.remote(strategy, steps, rewards))
+        # 2 steps of 2 micro-batches of 2: each endpoint and function called 4 times with 2 queries
+        assert Counting.calls == [2, 2, 2, 2]
+        assert log.read_text().split() == ["2"] * 4
+        policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
+        for samples, experiences in zip(steps, made, strict=True):
+            queries = queries_of(policy, samples)
+            np.testing.assert_allclose(logged(experiences, "reward_raw/remote"), [len(q) for q in queries])
+            np.testing.assert_allclose(logged(experiences, "reward_raw/rules"), [2 * len(q) for q in queries])
+
+        # Every rank of the group returns the same values: the RM's, and the first rank's endpoint and rules
+        micro = Experience.concat_experiences(steps[0][:2], policy.pad_token_id)  # as split_rollout_samples
+        refs = rewards.async_run_method_batch(
+            "forward", sequences=[micro.sequences], attention_mask=[micro.attention_mask],
+            prompts=[micro.prompts], labels=[micro.labels],
+        )  # fmt: skip
+        (first,), (second,) = ray.get(refs)
+        assert torch.equal(first, second) and first.shape == (2, 3)
+        assert Counting.calls[4:] == [2] and log.read_text().split() == ["2"] * 5
+    finally:
+        server.shutdown()
+        for actor in rewards._actor_handlers:  # their gloo group ends with them
+            ray.kill(actor)
+
+
+# --- resume: the running statistics travel in OpenRLHF's checkpoint --------------------------------
+
+
+@ray.remote(num_gpus=0)
+class CheckpointingPolicyActor(BaseModelActor):
+    """The policy actor's checkpoint role on CPU, as PolicyModelActor (trainer/ray/ppo_actor.py) plays it:
+    its DeepSpeed engine loaded from `--ckpt.path` on `--ckpt.load_enable`, `save_checkpoint` through
+    DeepspeedStrategy.save_ckpt with the trainer's client states, `get_checkpoint_states`; log-probs as
+    tests/rollouts.py's CpuPolicyActor. Real DeepSpeed (its CPU accelerator) on a gloo group of one."""
+
+    def init(self, strategy, path):
+        import deepspeed
+        from openrlhf.models import Actor
+
+        from openrlhf_bonesoup.integration import cpu
+
+        cpu.apply(["flash_attn.ops.triton.cross_entropy", "torch.cuda.synchronize"])  # save_ckpt syncs CUDA
+        self.strategy = strategy
+        self.model = Actor(path, attn_implementation="eager", param_dtype="bf16")
+        self.model.eval()
+        deepspeed.init_distributed("gloo")  # DeepspeedStrategy.setup_distributed needs CUDA
+        optimizer = torch.optim.AdamW(self.model.model.parameters())
+        config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
+        self.engine, *_ = deepspeed.initialize(model=self.model.model, optimizer=optimizer, config=config)
+        self.checkpoint_states = {}
+        ckpt_path = os.path.join(strategy.args.ckpt.path, "_actor")
+        if strategy.args.ckpt.load_enable and os.path.exists(ckpt_path):
+            _, self.checkpoint_states = strategy.load_ckpt(self.engine, ckpt_path)
+
+    def get_checkpoint_states(self):
+        return self.checkpoint_states
+
+    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
+        args = self.strategy.args
+        path = os.path.join(args.ckpt.path, "_actor")
+        self.strategy.save_ckpt(
+            self.engine, path, tag, args.ckpt.max_num, args.ckpt.max_mem, client_states or {},
+            metric_value=metric_value, metric_key=metric_key,
+        )  # fmt: skip
+
+    def forward(self, sequences, action_mask=None, attention_mask=None, **kwargs):
+        with torch.no_grad():
+            return self.model(sequences, action_mask, attention_mask).to("cpu")
+
+
+@ray.remote
+def checkpointed_runs(strategy, steps, rewards, policy_path) -> dict:
+    """The PPO trainer's role (upstream's BasePPOTrainer, in a hooked worker): step 1, OpenRLHF's checkpoint,
+    step 2; then a new trainer resumed from that checkpoint, and one that starts afresh, each on step 2."""
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+
+    def trainer(resume: bool):
+        strategy.args.ckpt.load_enable = resume
+        policy = RayActorGroup(1, 1, CheckpointingPolicyActor, num_gpus_per_actor=0)
+        ray.get(policy.async_run_method("init", strategy, policy_path))
+        made = BasePPOTrainer(strategy, policy, None, rewards, None, None, tokenizer)
+        made.init_checkpoint_states()  # the first thing PPOTrainer.fit does
+        return made
+
+    def step(made, samples) -> np.ndarray:  # rewards as combined, and the raw values
+        experiences = made.experience_maker.make_experience_batch(copy.deepcopy(samples))
+        names = [o["name"] for o in strategy.args.bonesoup["objectives"]]
+        raw = np.stack([logged(experiences, f"reward_raw/{n}") for n in names], axis=1)
+        return logged(experiences, "reward"), raw
+
+    uninterrupted = trainer(resume=False)
+    _, raw1 = step(uninterrupted, steps[0])
+    states = {"episode": 0, "global_step": 1, "total_consumed_prompts": 4, "data_loader_state_dict": {}}
+    uninterrupted.save_logs_and_checkpoints(1, {}, states)
+    second, raw2 = step(uninterrupted, steps[1])
+    resumed, _ = step(trainer(resume=True), steps[1])
+    afresh, _ = step(trainer(resume=False), steps[1])
+    return {"raw": [raw1, raw2], "second": second, "resumed": resumed, "afresh": afresh}
+
+
+def test_a_resumed_run_normalises_with_the_statistics_of_the_run_it_resumes(cluster, tiny, actor_steps, tmp_path):
+    args = copy.deepcopy(cluster["mixed"])  # `running` on polite and format
+    args.ckpt.path, args.ckpt.save_steps = str(tmp_path / "ckpt"), 1
+    strategy = get_strategy(args)
+    rewards = RayActorGroup(2, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
+    ray.get(rewards.async_run_method("load_objectives", strategy, args.reward.model_name_or_path))
+    steps, _ = actor_steps
+    runs = ray.get(checkpointed_runs.remote(strategy, steps, rewards, str(tiny["policy"])))
+    assert (tmp_path / "ckpt" / "_actor" / "global_step1").is_dir()  # OpenRLHF's own checkpoint folder
+
+    how = [o["normalize"] for o in args.bonesoup["objectives"]]
+    _, want = by_hand(runs["raw"], how, WEIGHTS)  # step 2 normalised with steps 1 and 2's statistics
+    np.testing.assert_allclose(runs["second"], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(runs["resumed"], want, rtol=1e-6, atol=1e-6)
+    # statistics that started again would normalise step 2 with its own values only
+    (alone,) = by_hand(runs["raw"][1:], how, WEIGHTS)
+    np.testing.assert_allclose(runs["afresh"], alone, rtol=1e-6, atol=1e-6)
+    assert np.abs(alone - want).max() > 1e-3

@@ -7,6 +7,7 @@ Real launches, the post-training hand-off to the merge included, are tests/test_
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,51 @@ def test_an_unknown_flag_is_openrlhfs_parser_error_in_one_line(tiny, capsys):
     assert launcher.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: unrecognized arguments: --no_such_flag (" in err  # no usage block
+
+
+# --- pre-flight: objectives and checkpoints from their config.json, before Ray ------------------------
+
+
+def test_a_causal_lm_given_as_reward_model_is_refused_before_ray(tiny, tmp_path, started, capsys):
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['policy']}", *OURS)
+    argv += ["--soup_dir", str(tmp_path / "soup")]
+    code, out, err = run_main([*argv, "--dry_run"], capsys)
+    assert code == 2 and "\n" not in err and "has no value head `score.weight`" in err and out == ""
+    ours, rest = launcher._parse(argv)  # the launch itself: refused in our step, before Ray starts
+    with pytest.raises(BoneSoupError, match="has no value head"):
+        launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    assert started == [] and not (tmp_path / "soup").exists()  # no Ray, no manifest
+
+
+@pytest.mark.parametrize(
+    "objective, extra, match",
+    [
+        ({"path": "./ckpt/rm_typo"}, [], "does not exist"),
+        ({"path": "CLASSIFIER"}, [], "has 2 labels"),
+        ({"path": "CLASSIFIER", "label": 1, "attn_implementation": "flash_attention_2"}, ["--ds.ring_attn_size", "2"],
+         "with --ds.ring_attn_size > 1"),
+    ],
+)  # fmt: skip
+def test_objectives_that_cannot_load_are_refused_by_the_dry_run(tiny, tmp_path, capsys, objective, extra, match):
+    objective = {k: str(tiny["classifier"]) if v == "CLASSIFIER" else v for k, v in objective.items()}
+    (tmp_path / "o.json").write_text(json.dumps([{"path": str(tiny["rm_llama"])}, objective]))
+    argv = openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.json"), *OURS, *extra, "--dry_run")
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "\n" not in err and match in err
+
+
+def test_a_missing_local_actor_is_refused_and_a_local_one_recorded_absolute(
+    tiny, tmp_path, started, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny["policy"], tmp_path / "sft")
+    rms = ["--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}", *OURS, "--soup_dir", "soup"]
+    code, _, err = run_main(["--actor.model_name_or_path", "./sfft", *rms, "--dry_run"], capsys)
+    assert code == 2 and "--actor.model_name_or_path ./sfft does not exist" in err
+    argv = ["--actor.model_name_or_path", "sft", *rms]
+    ours, rest = launcher._parse(argv)
+    launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    assert soup.read_soup(tmp_path / "soup")["sft"] == str(tmp_path / "sft")
 
 
 # --- runtime_env under `ray job submit --runtime-env-json` ----------------------------------------

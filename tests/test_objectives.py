@@ -44,9 +44,7 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 def loaded(tiny):
     """rm_llama (policy tokenizer) and rm_gpt2 (own tokenizer), loaded by OpenRLHF's loader, in fp32."""
     policy = AutoTokenizer.from_pretrained(str(tiny["policy"]))
-    objs = objectives.load_objectives(
-        f"{tiny['rm_llama']},{tiny['rm_gpt2']}", policy_tokenizer=policy, model_kwargs={"attn_implementation": "eager"}
-    )
+    objs = objectives.load_objectives(f"{tiny['rm_llama']},{tiny['rm_gpt2']}", policy_tokenizer=policy)
     for o in objs:
         o.model.float()
     return policy, objs
@@ -197,6 +195,81 @@ def test_hf_classifier_logit_and_probability(tiny):
     got = scoring.score_texts(objs, PROMPTS, RESPONSES)
     np.testing.assert_allclose(got[:, 0], [lg[1].item() for lg in logits], atol=1e-5)
     np.testing.assert_allclose(got[:, 1], [lg.softmax(-1)[0].item() for lg in logits], atol=1e-6)
+
+
+# --- attention: each objective's own ------------------------------------------------------------
+
+
+def test_each_objective_loads_with_the_attention_its_model_supports(tiny):
+    specs = [
+        {"name": "deberta", "path": str(tiny["deberta"]), "label": 1},
+        {"name": "gpt2", "path": str(tiny["classifier"]), "label": 1},
+        {"name": "rm", "path": str(tiny["rm_llama"])},
+        {"name": "chosen", "path": str(tiny["classifier"]), "label": 1, "attn_implementation": "eager"},
+    ]
+    objs = objectives.load_objectives(specs)
+    # DeBERTa-v2 supports neither flash attention nor sdpa; GPT-2 and LLaMA support sdpa (no GPU here)
+    assert [o.model.config._attn_implementation for o in objs] == ["eager", "sdpa", "sdpa", "eager"]
+    objs[0].model.float()
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny["deberta"]), dtype=torch.bfloat16)
+    model = model.float().eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny["deberta"]))
+    with torch.no_grad():
+        want = [model(**tok(t, return_tensors="pt")).logits[0, 1].item() for t in TEXTS]
+    np.testing.assert_allclose(scoring.score_texts(objs[:1], PROMPTS, RESPONSES)[:, 0], want, atol=1e-5)
+
+
+def test_a_launch_wide_attention_is_refused_and_the_spec_key_checked(tiny):
+    with pytest.raises(BoneSoupError, match="attention is chosen per objective") as e:
+        objectives.load_objectives(str(tiny["rm_llama"]), model_kwargs={"attn_implementation": "flash_attention_2"})
+    one_line(e)
+    with pytest.raises(BoneSoupError, match="must be one of") as e:
+        objectives.parse_objectives([{"path": "a", "attn_implementation": "fast"}])
+    one_line(e)
+    with pytest.raises(BoneSoupError, match="applies to checkpoints"):
+        objectives.parse_objectives([{"url": "http://h:1/get_reward", "attn_implementation": "eager"}])
+
+
+def test_flash_attention_where_usable_never_for_a_classifier_under_ring_attention(tiny, monkeypatch):
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)  # a GPU with flash-attn
+
+    def choose(name, extra=None, **where):
+        config = json.loads((tiny[name] / "config.json").read_text())
+        return objectives.attention({"path": str(tiny[name]), **(extra or {})}, config, **where)
+
+    assert choose("classifier", gpu=True) == choose("rm_llama", gpu=True) == "flash_attention_2"
+    assert choose("deberta", gpu=True) == "eager"
+    assert choose("classifier", gpu=False) == "sdpa"  # flash attention needs the GPU
+    # OpenRLHF's ring set-up swaps transformers' flash attention for its packed causal kernel: an OpenRLHF RM
+    # runs it as upstream's does, a classifier must not
+    assert choose("rm_llama", gpu=True, ring_attention=True) == "flash_attention_2"
+    assert choose("classifier", gpu=True, ring_attention=True) == "sdpa"
+    assert choose("classifier", {"attn_implementation": "eager"}, gpu=True) == "eager"
+    spec = objectives.parse_objectives(
+        [{"path": str(tiny["classifier"]), "label": 1, "attn_implementation": "flash_attention_2"}]
+    )
+    with pytest.raises(BoneSoupError, match="ring_attn_size") as e:
+        objectives.check_models(spec, ring_attention=True)
+    one_line(e)
+    objectives.check_models(spec)  # without ring attention: the user's choice
+
+
+def test_an_openrlhf_rm_packs_samples_only_with_flash_attention(tiny, loaded):
+    """`--ds.packing_samples` packs rows without an attention mask, right only with flash attention's
+    variable-length kernels; with sdpa (here, no GPU) the RM scores padded rows."""
+    policy, (reference, _) = loaded
+    (packed,) = objectives.load_objectives(
+        str(tiny["rm_llama"]), policy_tokenizer=policy, model_kwargs={"packing_samples": True}
+    )
+    packed.model.float()
+    assert packed.model.packing_samples is False
+    ids, mask = policy_batch(policy, TEXTS)
+    got = scoring.raw_scores([packed], policy_ids=(ids, mask), policy_tokenizer=policy, pad_sequence=True)
+    with torch.no_grad():
+        want = [reference.model(ids[i : i + 1], mask[i : i + 1]).item() for i in range(len(TEXTS))]  # one at a time
+    np.testing.assert_allclose(got[:, 0], want, atol=1e-5)
 
 
 def test_classifier_with_several_labels_needs_a_choice(tiny):

@@ -95,3 +95,44 @@ def test_an_incomplete_soup_names_the_command_that_completes_it(tiny, tmp_path, 
         argv += ["--prompts", str(tmp_path / "p.jsonl")]
     assert main(argv) == 2
     assert "openrlhf-bonesoup soup register" in capsys.readouterr().err
+
+
+# --- pre-flight: every path checked from its config.json, stored absolute ---------------------------
+
+
+def test_soup_init_refuses_a_causal_lm_as_reward_model_and_a_missing_sft(tiny, tmp_path, capsys):
+    soup_dir = str(tmp_path / "soup")
+    init = ["soup", "init", "--soup_dir", soup_dir]
+    assert main([*init, "--objectives", f"{tiny['rm_llama']},{tiny['policy']}", "--sft", str(tiny["policy"])]) == 2
+    rms = f"{tiny['rm_llama']},{tiny['rm_gpt2']}"
+    assert main([*init, "--objectives", rms, "--sft", "nosuchsft"]) == 2
+    assert main([*init, "--objectives", rms, "--sft", str(tiny["rm_gpt2"])]) == 2
+    assert main([*init, "--objectives", f"{tiny['rm_llama']},{tiny['classifier']}", "--sft", str(tiny["policy"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("openrlhf-bonesoup: error:") for line in err), err
+    assert "no value head `score.weight`" in err[0]
+    assert "--sft nosuchsft does not exist" in err[1]
+    assert "an OpenRLHF reward model" in err[2] and "not a policy model" in err[2]
+    assert "has 2 labels" in err[3]
+    assert not (tmp_path / "soup" / "soup.json").exists()  # nothing written for a refused soup
+
+
+def test_soup_init_stores_a_relative_sft_absolute(tiny, tmp_path, monkeypatch):
+    shutil.copytree(tiny["policy"], tmp_path / "sft")
+    monkeypatch.chdir(tmp_path)
+    rms = f"{tiny['rm_llama']},{tiny['rm_gpt2']}"
+    assert main(["soup", "init", "--soup_dir", "soup", "--objectives", rms, "--sft", "sft"]) == 0
+    monkeypatch.chdir("/")  # read from elsewhere, as a merge on another node would
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["sft"] == str(tmp_path / "sft")
+
+
+def test_soup_register_refuses_a_reward_model_as_backbone(tiny, tmp_path, capsys):
+    soup_dir = str(tmp_path / "soup")
+    rms = f"{tiny['rm_llama']},{tiny['rm_gpt2']}"
+    assert main(["soup", "init", "--soup_dir", soup_dir, "--objectives", rms, "--sft", str(tiny["policy"])]) == 0
+    register = ["soup", "register", "--soup_dir", soup_dir, "--backbone_index", "0"]
+    assert main([*register, "--checkpoint", str(tiny["rm_llama"])]) == 2
+    assert main([*register, "--checkpoint", str(tiny["classifier"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is an OpenRLHF reward model" in err[0] and "is GPT2ForSequenceClassification" in err[1]
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["backbones"] == [None, None]

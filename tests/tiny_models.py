@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from openrlhf_bonesoup.tiny import make_hf_classifier, make_llama_lm, make_openrlhf_rm, make_tokenizer
 
 __all__ = ["make_gpt2_lm", "make_hf_classifier", "make_llama_lm", "make_lora_adapter", "make_openrlhf_rm"]
-__all__ += ["make_tokenizer"]
+__all__ += ["make_deberta_classifier", "make_tokenizer"]
 
 
 def make_gpt2_lm(path: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0):
@@ -32,6 +32,28 @@ def make_gpt2_lm(path: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int
         pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return model
+
+
+def make_deberta_classifier(path: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, num_labels: int = 2):
+    """A DeBERTa-v2 sequence classifier (the architecture of common reward and safety classifiers), which
+    supports neither flash attention nor sdpa, with its own tokenizer."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = DebertaV2ForSequenceClassification(config)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return model

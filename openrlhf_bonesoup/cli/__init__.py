@@ -225,7 +225,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     objs = objectives.load_objectives(
         specs,
         device=args.device,
-        model_kwargs={"param_dtype": args.param_dtype, "attn_implementation": args.attn_implementation},
+        model_kwargs={"param_dtype": args.param_dtype},
     )
     raw = scoring.score_records(objs, combination, records, args.output, args.batch_size)
     print(f"wrote {raw.shape[0]} records to {args.output}; weights {coefficients.clean(combination.weights)}")
@@ -364,8 +364,10 @@ def cmd_soup_init(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import soup
 
     specs = objectives.parse_objectives(args.objectives)
+    objectives.check_models(specs)  # config.json and safetensors headers: no weights loaded
+    sft = soup.checkpoint_path(args.sft, "--sft")  # absolute: merges read it from anywhere
     matrix = _matrix(args, len(specs))
-    manifest = soup.init_soup(args.soup_dir, objectives=specs, beta=float(matrix[0, 0]), matrix=matrix, sft=args.sft)
+    manifest = soup.init_soup(args.soup_dir, objectives=specs, beta=float(matrix[0, 0]), matrix=matrix, sft=sft)
     print(f"soup {Path(args.soup_dir) / soup.MANIFEST}: {manifest['n']} objectives {[o['name'] for o in specs]}")
     print(
         f"register each trained backbone j: {PROG} soup register --soup_dir {args.soup_dir} --backbone_index j "
@@ -375,8 +377,9 @@ def cmd_soup_init(args: argparse.Namespace) -> int:
 
 
 def cmd_soup_register(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import hook
+    from openrlhf_bonesoup import hook, soup
 
+    soup.checkpoint_path(args.checkpoint, "--checkpoint")  # a policy checkpoint, from its config.json
     entry = hook.register_checkpoint(args.soup_dir, args.backbone_index, args.checkpoint)["backbones"][
         args.backbone_index
     ]
@@ -506,7 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--ds.param_dtype", dest="param_dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--ds.attn_implementation", dest="attn_implementation", default="sdpa")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="merge a soup at each preference, generate, score: front, hypervolume, plot")

@@ -303,6 +303,10 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     weights = combiners.weights_from_args(ours, len(specs))
     route = worker.ROUTE_ACTORS if objectives.needs_reward_actors(specs) else worker.ROUTE_REWARD_FUNC
     _refuse_bypasses(args, specs, route)
+    # Pre-flight from config.json and safetensors headers, no weights loaded: a wrong checkpoint is refused
+    # now, not when it loads after Ray, DeepSpeed and vLLM have started.
+    objectives.check_models(specs, ring_attention=args.ds.ring_attn_size > 1)
+    soup.checkpoint_path(args.actor.model_name_or_path, "--actor.model_name_or_path", hub_ok=True)
     # Checked now, not after hours of training.
     preferences = None
     if ours.merge_grid is not None or ours.merge_preferences is not None:
@@ -398,7 +402,7 @@ def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index
         objectives=specs,
         beta=beta,
         matrix=coefficients.backbone_matrix(beta, len(specs)),
-        sft=args.actor.model_name_or_path,
+        sft=soup.checkpoint_path(args.actor.model_name_or_path, "--actor.model_name_or_path", hub_ok=True),
     )
     soup.register_backbone(
         ours.soup_dir, backbone_index, status="launched", launch_args=list(argv), output_dir=output_dir

@@ -11,6 +11,9 @@ module it patches (a one-shot import finder), in exactly the processes that use 
   per-objective values. reward_func route: the raw values arrive in `info["reward_raw/<name>"]`.
   Either way one Combination (combiners.py) per trainer process normalises all samples of the step
   and sets `rewards`, `info["reward"]` and `info["reward/<name>"]`, which the policy actor logs.
+- `BasePPOTrainer` (the PPO trainer process): the Combination's running statistics go into OpenRLHF's
+  checkpoint (the client state the policy actor saves with DeepSpeed) and come back on
+  `--ckpt.load_enable`, so a resumed run normalises as the uninterrupted one would.
 - `SingleTurnAgentExecutor.execute` (the vLLM rollout processes): upstream catches and only logs
   every exception of a remote reward / `reward_func`, leaving the reward None. The patch turns a
   missing reward into an error, so a failing endpoint stops training instead of vanishing.
@@ -30,6 +33,7 @@ CONFIG_ENV = "OPENRLHF_BONESOUP_CONFIG"  # JSON set by the launcher in the Ray r
 HOOK = "openrlhf_bonesoup.integration.worker.setup"
 ROUTE_ACTORS = "reward_actors"  # every objective scored in our RewardModelActor group
 ROUTE_REWARD_FUNC = "reward_func"  # no model: HTTP/function objectives via --reward.remote_url reward_func.py
+STATE_KEY = "bonesoup_running_statistics"  # our entry in OpenRLHF's checkpoint client_states
 
 
 def setup() -> None:
@@ -39,6 +43,7 @@ def setup() -> None:
     if cpu.active():  # a --cpu launch: the CUDA-site replacements, in every worker
         cpu.apply()
     _on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
+    _on_import("openrlhf.trainer.ppo_trainer", _patch_trainer)
     _on_import("openrlhf.utils.agent", _patch_agent)
 
 
@@ -137,6 +142,43 @@ def _with_prompts_and_labels(maker, upstream, samples_list):
         return upstream(maker, samples_list)
     finally:
         del maker._dispatch_forward
+
+
+def _patch_trainer(module: ModuleType) -> None:
+    cls = module.BasePPOTrainer
+    if getattr(cls.save_logs_and_checkpoints, "bonesoup", False):
+        return
+    upstream_save, upstream_states = cls.save_logs_and_checkpoints, cls.init_checkpoint_states
+
+    def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
+        # Into the dict upstream saves with the policy's DeepSpeed checkpoint (and, being the same dict, into
+        # a best-metric checkpoint of the same step).
+        combination = getattr(self.experience_maker, "bonesoup_combination", None)
+        if combination is not None:
+            client_states = {} if client_states is None else client_states
+            client_states[STATE_KEY] = combination.state()
+        return upstream_save(self, global_step, logs_dict, client_states)
+
+    def init_checkpoint_states(self):
+        states = upstream_states(self)
+        config = getattr(self.args, "bonesoup", None)
+        if config is not None and STATE_KEY in states:
+            from openrlhf_bonesoup.combiners import Combination
+
+            combination = Combination(config["objectives"], config["weights"])
+            combination.load_state(states[STATE_KEY])
+            self.experience_maker.bonesoup_combination = combination
+        elif (
+            config is not None
+            and states.get("global_step")
+            and any(o["normalize"] == "running" for o in config["objectives"])
+        ):
+            print("[bonesoup] the checkpoint holds no running statistics (saved by an older plugin): they start empty")
+        return states
+
+    save_logs_and_checkpoints.bonesoup = True
+    cls.save_logs_and_checkpoints = save_logs_and_checkpoints
+    cls.init_checkpoint_states = init_checkpoint_states
 
 
 def _patch_agent(module: ModuleType) -> None:

@@ -58,7 +58,7 @@ def cluster(tiny_gpu, tmp_path_factory):
     plan, args = launcher.resolve(argv)
     for module in (sys.modules[__name__], rollouts):  # tests/ is not on the workers' path
         ray.cloudpickle.register_pickle_by_value(module)
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=plan["runtime_env"])
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=plan["runtime_env"])
     try:
         (samples,), _, _ = rollouts.rollout_steps(args, tiny_gpu["policy"], steps=[rollouts.PROMPTS[:4]])
         plain = rollouts.plain_raw(tiny_gpu["policy"], tiny_gpu["rm"], tiny_gpu["classifier"], samples, "cuda", "sdpa")

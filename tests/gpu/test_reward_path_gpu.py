@@ -73,7 +73,7 @@ def cluster(tiny, tiny_gpu, tmp_path_factory):
         plan, args = launcher.resolve(rollouts.launch_argv(tiny_gpu["policy"], folder / "objectives.yaml", "sdpa"))
         for module in (sys.modules[__name__], rollouts):  # tests/ is not on the workers' path
             ray.cloudpickle.register_pickle_by_value(module)
-        ray.init(num_cpus=8, num_gpus=actors, include_dashboard=False, runtime_env=plan["runtime_env"])
+        ray.init(address="local", num_cpus=8, num_gpus=actors, include_dashboard=False, runtime_env=plan["runtime_env"])
         try:
             steps, _, models = rollouts.rollout_steps(args, tiny_gpu["policy"])
             assert models == ["LlamaForCausalLM"]  # the rollout process holds its policy, never a reward model
@@ -124,7 +124,8 @@ def test_composite_reward_on_cuda_equals_the_combination_by_hand(cluster, tiny_g
         for actor in rewards._actor_handlers:  # the next case needs the GPUs and fresh NCCL processes
             ray.kill(actor)
         remove_placement_group(pg)
-    attention = "flash_attention_2" if packed else "sdpa"
+    # Each objective's own best attention (objectives.attention), whatever --ds.attn_implementation says
+    attention = "flash_attention_2" if _real_flash_attn() else "sdpa"
     assert held == [[("helpful", packed, attention), ("polite", None, attention)]] * cluster["actors"]
 
     policy = AutoTokenizer.from_pretrained(str(tiny_gpu["policy"]))
