@@ -137,10 +137,10 @@ def reward_funcs(tmp_path) -> str:
     return f"{tmp_path / 'a.py'},{tmp_path / 'b.py'}"
 
 
-def test_the_launcher_sets_cpu_only_with_cpu(tmp_path):
+def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     """--dry_run: without --cpu the Ray workers get no CPU switch and OpenRLHF's options are untouched;
     with it, the switch and what --cpu changed (gloo weight sync, eager attention, the KV-cache share)."""
-    policy = tmp_path / "policy"
+    policy = tiny["policy"]
     argv = ["--actor.model_name_or_path", str(policy), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
     argv += ["--ckpt.output_dir", str(tmp_path / "ckpt"), "--logger.wandb.run_name", "run"]
@@ -170,8 +170,9 @@ def test_the_launcher_sets_cpu_only_with_cpu(tmp_path):
 @pytest.mark.parametrize(
     "flag", ["--ds.packing_samples", "--vllm.enable_sleep", "--ds.enable_sleep", "--vllm.sync_with_ray"]
 )
-def test_options_that_need_cuda_are_refused_with_cpu(flag, tmp_path):
-    argv = ["--actor.model_name_or_path", str(tmp_path), "--reward.model_name_or_path", reward_funcs(tmp_path), "--cpu"]
+def test_options_that_need_cuda_are_refused_with_cpu(flag, tiny, tmp_path):
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
+    argv += ["--cpu"]
     argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", "--dry_run", flag]
     done = subprocess.run(
         [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv], capture_output=True, text=True
