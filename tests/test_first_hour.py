@@ -83,7 +83,7 @@ def test_launcher_help_and_dry_run_work_without_vllm(tiny):
     assert "--reward_combiner" in r.stdout and "--vllm.num_engines" in r.stdout  # ours and OpenRLHF's
 
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path"]
-    argv += [f"{tiny['rm_llama']},{tiny['classifier']}", "--reward_combiner", "bonesoup", "--beta", "0.7"]
+    argv += [f"{tiny['rm_llama']},{tiny['rm_gpt2']}", "--reward_combiner", "bonesoup", "--beta", "0.7"]
     argv += ["--backbone_index", "1"]
     r = subprocess.run([*launcher, *argv, "--dry_run"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -285,7 +285,7 @@ LAUNCHER = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
 
 def launcher_argv(tiny) -> list[str]:
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path"]
-    argv += [f"{tiny['rm_llama']},{tiny['classifier']}", "--reward_combiner", "bonesoup", "--beta", "0.7"]
+    argv += [f"{tiny['rm_llama']},{tiny['rm_gpt2']}", "--reward_combiner", "bonesoup", "--beta", "0.7"]
     return [*argv, "--backbone_index", "1", "--soup_dir", "soup", "--merge_grid", "11"]
 
 
