@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,14 @@ def test_dry_run_prints_the_commands_a_run_issues(tmp_path, name):
     assert not (tmp_path / "started").exists()
 
 
+TINY_POLICY: list = []  # the session's tiny policy (set by the autouse fixture below)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_policy(tiny):
+    TINY_POLICY[:] = [tiny["policy"]]
+
+
 def launch(call: list[str], monkeypatch) -> tuple[str, dict]:
     """A recorded `ray job submit ... -- python3 -m MODULE args`: MODULE and the launcher's dry-run plan
     for args, as the job's driver would compute it (under the job's runtime_env)."""
@@ -125,9 +134,14 @@ def launch(call: list[str], monkeypatch) -> tuple[str, dict]:
     job_env = json.loads(next(a.split("=", 1)[1] for a in call if a.startswith("--runtime-env-json=")))
     python = call[call.index("--") + 1 :]
     assert python[:2] == ["python3", "-m"]
+    args = python[3:]
+    # The launcher checks the SFT checkpoint before anything runs: a tiny one stands where the script points.
+    sft = Path(args[args.index("--actor.model_name_or_path") + 1])
+    if sft.is_absolute() and not sft.exists():
+        shutil.copytree(TINY_POLICY[0], sft)
     with monkeypatch.context() as m:
         m.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": job_env}))
-        plan, _ = launcher.resolve(python[3:])  # OpenRLHF's real parser: an unknown flag exits here
+        plan, _ = launcher.resolve(args)  # OpenRLHF's real parser: an unknown flag exits here
     assert _merge_runtime_env(job_env, plan["runtime_env"]) is not None  # Ray accepts both together
     return python[2], plan
 
