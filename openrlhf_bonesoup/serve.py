@@ -147,9 +147,9 @@ def _check_language_model(folder: Path) -> None:
     config = folder / "config.json"
     if not config.is_file():
         raise BoneSoupError(f"{need}; {folder} has no config.json")
-    archs = json.loads(config.read_text()).get("architectures") or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
-        raise BoneSoupError(f"{need}; {folder} is a {', '.join(archs) or 'model without architectures'}")
+    archs = json.loads(config.read_text()).get("architectures")  # without it vLLM goes by model_type
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise BoneSoupError(f"{need}; {folder} is a {', '.join(archs)}")
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -167,9 +167,11 @@ def test_greedy_completions_equal_vllm_on_what_merge_writes(server):
         for prompt in PROMPTS:
             # the preference in the body (extra_body) or in the model name
             how = {"extra_body": {"preference": mu}} if k % 2 else {"model": name(mu)}
+            how["extra_body"] = {**how.get("extra_body", {}), "return_token_ids": True}  # vLLM's own field
             r = c.completions.create(
                 **{"model": "bonesoup", **how}, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
             )
+            assert r.choices[0].token_ids == list(expected[tuple(mu), prompt].token_ids)  # token for token
             assert r.choices[0].text == expected[tuple(mu), prompt].text
             assert r.model == name(mu)
             check_info(r.bonesoup, mu, kind)
@@ -411,5 +413,7 @@ def test_the_commands_mistakes_are_one_line(tmp_path):
     one_line(run_cli("--backbones", backbones, "--", "--model", "x"), "vLLM flag --model: serve sets it")
     one_line(run_cli("--backbones", backbones, "--default_preference", "0.5,0.6"), "must sum to 1")
     one_line(run_cli("--backbones", f"{backbones[:-1]}x"), "does not exist")
+    tiny_models.make_hf_classifier(tmp_path / "rm", tok, hidden_size=256)  # a reward model is not a backbone
+    one_line(run_cli("--backbones", f"{tmp_path / 'rm'},{tmp_path / 'rm'}"), "is a GPT2ForSequenceClassification")
     with __import__("socket").create_server(("127.0.0.1", 0)) as busy:
         one_line(run_cli("--backbones", backbones, "--port", busy.getsockname()[1]), "cannot listen on 127.0.0.1")
