@@ -63,6 +63,10 @@ def launch(call: list[str], monkeypatch) -> tuple[str, dict]:
     job_env = json.loads(next(a.split("=", 1)[1] for a in call if a.startswith("--runtime-env-json=")))
     python = call[call.index("--") + 1 :]
     assert python[:2] == ["python3", "-m"]
+    # The SFT model the scripts expect downloaded (a local folder): the launcher's pre-flight reads its config.
+    sft = Path(python[python.index("--actor.model_name_or_path") + 1])
+    sft.mkdir(parents=True, exist_ok=True)
+    (sft / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     with monkeypatch.context() as m:
         m.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": job_env}))
         plan, _ = launcher.resolve(python[3:])  # OpenRLHF's real parser: an unknown flag exits here
