@@ -8,7 +8,8 @@ Writing: `header` builds one shard's header before any tensor is computed, so th
 each chunk at its final offset. Pickled weights are never loaded (`weight_files` refuses them).
 
 Outputs are written into a hidden `.NAME.partial-HOST-PID` folder beside the target (`temp_dir`),
-fsynced and renamed (`publish`); `sigterm_as_exit` lets a cancelled job remove it on its way out.
+fsynced and renamed or swapped in (`publish`); `sigterm_as_exit` lets a cancelled job remove it on its way
+out, and the next merge to the same target cleans up after a killed one (`recover`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from openrlhf_bonesoup import lora
+from openrlhf_bonesoup import files, lora
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
 log = logging.getLogger(__name__)
@@ -203,27 +204,29 @@ def check_outputs(inputs: Sequence[Path], outputs: Sequence[Path], overwrite: bo
 def temp_dir(out: Path) -> Path:
     """A fresh hidden folder beside out, named after this host and process."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A merge killed with SIGKILL cannot clean up; the next merge to the same target does, for temp
-    # folders of this host whose process is gone (other hosts may still be writing on a shared disk).
-    prefix = f".{out.name}.partial-{socket.gethostname()}-"
-    for stale in out.parent.glob(f"{prefix}*"):
-        pid = stale.name[len(prefix) :]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f"{prefix}{os.getpid()}"
+    recover(out)
+    tmp = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def recover(out: Path) -> None:
+    """What a merge to `out` killed on this host (SIGKILL, power loss) left: its temporary folder is removed,
+    and a previous output it had moved aside (`publish` where folders cannot be swapped) is put back when
+    no new output took its place, else removed. Leftovers of other hosts on a shared disk are theirs."""
+    host = socket.gethostname()
+    for kind in ("old", "partial"):
+        prefix = f".{out.name}.{kind}-{host}-"
+        for stale in sorted(out.parent.glob(f"{prefix}*")):
+            pid = stale.name[len(prefix) :]
+            if not pid.isdigit() or files.alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.rename(stale, out)
+                files.fsync_dir(out.parent)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -252,15 +255,25 @@ def fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    files.fsync_dir(folder)  # and the folder's own entries
 
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Make the finished, fsynced folder tmp the output `out`; a crash at any point leaves the old output
+    or the new one there. A replacement swaps the two folders in one step (`files.exchange`), then removes
+    the old one, now under tmp's name (which the next merge removes if this one dies first). Where folders
+    cannot be swapped, the old one is moved aside first; the next merge puts it back if the new one never
+    arrived (`recover`)."""
     if out.exists():
         if not overwrite:
             raise BoneSoupError(f"output {out} appeared during the merge: pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
+        if not files.exchange(tmp, out):
+            old = out.parent / f".{out.name}.old-{socket.gethostname()}-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            tmp = old
+        files.fsync_dir(out.parent)
+        shutil.rmtree(tmp)
     else:
         os.rename(tmp, out)
+        files.fsync_dir(out.parent)

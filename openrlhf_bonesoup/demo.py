@@ -22,6 +22,7 @@ from openrlhf_bonesoup import evaluate, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix, clean, preference_grid
 
 FORMAT = "openrlhf-bonesoup/demo/v1"
+MARKER = ".openrlhf-bonesoup-demo"  # written before anything else: an interrupted demo's folder is still a demo's
 # Our stated instance: each objective is 10x more sensitive to the coordinate the other one wants.
 CENTERS = [[1.0, 0.0], [0.0, 1.0]]
 CURVATURES = [[1.0, 10.0], [10.0, 1.0]]
@@ -107,17 +108,19 @@ def _merged_rewards(folder: Path, preferences: list[list[float]]) -> np.ndarray:
 
 
 def _prepare(output: Path) -> None:
-    # Rerunning into the same folder replaces an earlier demo; anything else is never deleted.
+    # Rerunning into the same folder replaces an earlier demo, finished or interrupted (its marker is
+    # written first); anything else is never deleted.
     if output.exists() and any(output.iterdir()):
         try:
             previous = json.loads((output / "results.json").read_text()).get("format")
         except (OSError, json.JSONDecodeError, AttributeError):
             previous = None
-        if previous != FORMAT:
+        if previous != FORMAT and not (output / MARKER).is_file():
             raise BoneSoupError(f"{output} is not empty and holds no earlier demo: choose a new --output")
         for name in ("bone_soup", "rewarded_soup"):
             shutil.rmtree(output / name, ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text(FORMAT + "\n")
 
 
 def run_demo(output: str | os.PathLike, beta: float = 0.7) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup import soup
+from openrlhf_bonesoup import files, soup
 from openrlhf_bonesoup.coefficients import (
     REFERENCE_ALPHAS,
     BoneSoupError,
@@ -39,6 +39,8 @@ from openrlhf_bonesoup.coefficients import (
 )
 
 FORMAT = "openrlhf-bonesoup/eval/v1"
+RUN_FORMAT = "openrlhf-bonesoup/eval-run/v1"  # <output>/run.json: an evaluation's settings, for resuming it
+RUN_STATE, ALPHA_SEARCH = "run.json", "alpha_search.json"
 # The reference code samples with top_p 0.9 (top_k off) and 128 new tokens on its assistant task.
 # vLLM keeps 40% of the GPU free for the objectives' reward models, which share it.
 SAMPLING = {
@@ -334,6 +336,7 @@ def search_alpha(
     n = matrix.shape[0]
     corners = np.eye(n).tolist()
     workdir = Path(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)  # a killed search's candidates: scratch, never reused
     try:
         # models[i * k + c]: objective i's corner merged with candidate c, as `table` reads them below
         by_alpha = [
@@ -409,42 +412,54 @@ def evaluate(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     texts = read_prompts(prompts, backbones[0], **(data or {}))
+    val = read_prompts(alpha_prompts, backbones[0], **(data or {})) if alpha == "auto" else None
+    spec = objectives or manifest["objectives"]
+    resume = _resumable(output, manifest, backbones, preferences, texts, spec, alpha, val, sampling, engine_kw)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    objs = load_objectives(objectives or manifest["objectives"], device=device)
+    objs = load_objectives(spec, device=device)
     if len(objs) != n:
         raise BoneSoupError(f"{len(objs)} objectives given but the soup has n = {n}")
     names = [o.name for o in objs]
 
     search = None
-    if alpha == "auto":
-        val = read_prompts(alpha_prompts, backbones[0], **(data or {}))
+    if alpha == "auto" and resume and (output / ALPHA_SEARCH).is_file():
+        search = json.loads((output / ALPHA_SEARCH).read_text())
+    elif alpha == "auto":
         search = search_alpha(backbones, matrix, sft, objs, val, output / "alpha_search", sampling, **engine_kw)
-        alphas = search["best"]
-    else:
-        alphas = [float(alpha)] * n
+        files.write_durably(output / ALPHA_SEARCH, json.dumps(search) + "\n")
+    alphas = search["best"] if search else [float(alpha)] * n
     # LoRA soups: merged adapters become full weights of their base model, which vLLM and
     # transformers both load as they are.
     engine_kw.setdefault("densify", all((Path(b) / "adapter_config.json").is_file() for b in backbones))
-    models = merge_soup(
-        backbones,
-        matrix,
-        preferences,
-        models,
-        sft=sft,
-        alpha=alphas,
-        **engine_kw,
-    )
+    models = sweep_outputs(output / "models", preferences)
+    todo = [k for k, model in enumerate(models) if not (resume and model.is_dir())]  # published: complete
+    if todo:
+        merge_soup(
+            backbones,
+            matrix,
+            [preferences[k] for k in todo],
+            [models[k] for k in todo],
+            sft=sft,
+            alpha=alphas,
+            **engine_kw,
+        )
     samples = []
     (output / "generations").mkdir(exist_ok=True)
     try:
         for model in tqdm(models, desc="preferences", unit="model"):
+            done = output / "generations" / f"{model.name}.jsonl"
+            if resume and done.is_file():  # written whole or not at all: a finished preference
+                records = [json.loads(line) for line in done.read_text().splitlines()]
+                samples.append(np.array([[r[name] for name in names] for r in records], dtype=np.float64))
+                continue
             responses = generate(model, texts, sampling)
             scores = score_responses(objs, texts, responses, sampling["batch_size"])
             samples.append(scores)
-            with open(output / "generations" / f"{model.name}.jsonl", "w") as f:
-                for p, r, s in zip(texts, responses, scores, strict=True):
-                    record = {"prompt": p, "response": r, **dict(zip(names, clean(s), strict=True))}
-                    f.write(json.dumps(record) + "\n")
+            lines = [
+                json.dumps({"prompt": p, "response": r, **dict(zip(names, clean(s), strict=True))}) + "\n"
+                for p, r, s in zip(texts, responses, scores, strict=True)
+            ]
+            files.write_durably(done, "".join(lines))
     finally:
         close_engine()
     label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
@@ -466,6 +481,43 @@ def evaluate(
     results = clean(results)  # as a person reads them; the file and the return value alike
     write_results(results, output, others)
     return results
+
+
+def _resumable(output: Path, manifest, backbones, preferences, texts, spec, alpha, val, sampling, engine_kw) -> bool:
+    """Whether `output` holds an interrupted evaluation with exactly these settings (its run.json): then what
+    it finished is reused. Another evaluation there is refused unless overwrite, which starts afresh."""
+    from openrlhf_bonesoup.objectives import parse_objectives
+
+    run = {
+        "format": RUN_FORMAT,
+        "backbones": [
+            [b, (e or {}).get("sha256_headers_and_samples")]
+            for b, e in zip(backbones, manifest["backbones"], strict=True)
+        ],
+        "matrix": manifest["matrix"],
+        "sft": manifest.get("sft"),
+        "preferences": preferences,
+        "prompts": texts,
+        "objectives": parse_objectives(spec),
+        "alpha": alpha if alpha == "auto" else float(alpha),
+        "alpha_prompts": val,
+        "sampling": sampling,
+        "lora": {k: engine_kw.get(k) for k in ("densify", "base")},
+    }
+    run = json.loads(json.dumps(run))  # as it reads back
+    state, overwrite = output / RUN_STATE, engine_kw.get("overwrite", False)
+    previous = json.loads(state.read_text()) if state.is_file() else None
+    if previous == run and not overwrite:
+        return True
+    if not overwrite and (previous is not None or (output / "models").exists()):
+        raise BoneSoupError(
+            f"{output} exists and holds an evaluation with other settings: choose a new --output, or pass "
+            "--overwrite to start it again (the same command resumes an interrupted evaluation)"
+        )
+    shutil.rmtree(output / "generations", ignore_errors=True)
+    (output / ALPHA_SEARCH).unlink(missing_ok=True)
+    files.write_durably(state, json.dumps(run, indent=2) + "\n")
+    return False
 
 
 def add_fronts(results: dict, others: dict[str, dict], reference: Sequence[float] | None) -> None:
@@ -557,13 +609,15 @@ def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
     import matplotlib.pyplot as plt
 
     names = results["objectives"]
-    with open(output / "results.csv", "w", newline="") as f:
+    tmp = files.temporary(output / "results.csv")
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([f"mu_{x}" for x in names] + [f"{x}_{s}" for x in names for s in ("mean", "sem")] + ["pareto"])
         for mu, mean, err, front in zip(
             results["preferences"], results["mean"], results["sem"], results["pareto"], strict=True
         ):
             writer.writerow([*mu, *[v for pair in zip(mean, err, strict=True) for v in pair], front])
+    files.replace_durably(tmp, output / "results.csv")
     fig, ax = plt.subplots(figsize=(6, 5))
     rule = "given" if results["reference_rule"] != REFERENCE_RULE else "common nadir"
     plot_fronts(ax, {results["label"]: results} | others, names, results["reference_point"], f"reference ({rule})")
@@ -571,10 +625,12 @@ def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
     extra = f" (objectives 1-2 of {len(names)})" if len(names) > 2 else ""
     ax.set_title(f"Pareto fronts{extra}, points labelled with mu\nhypervolume: {hv}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(output / "pareto.png", dpi=120)
+    tmp = files.temporary(output / "pareto.png")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    files.replace_durably(tmp, output / "pareto.png")
     results["files"] = {"csv": "results.csv", "plot": "pareto.png", "models": "models/", "generations": "generations/"}
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    files.write_durably(output / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def select_beta(paths: Sequence[str | os.PathLike], reference: Sequence[float] | None = None) -> dict:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from openrlhf_bonesoup import checkpoints, lora, soup
+from openrlhf_bonesoup import checkpoints, files, lora, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError, parse_preferences
 from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
 
@@ -66,6 +66,7 @@ def _convert_adapter_pickle(folder: Path) -> None:
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, target)  # readers see no safetensors file, or the whole one
+        files.fsync_dir(folder)
     finally:
         partial.unlink(missing_ok=True)
     log.info("converted %s to %s", source, target)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from openrlhf_bonesoup import files
 from openrlhf_bonesoup.coefficients import BoneSoupError, clean
 from openrlhf_bonesoup.objectives import DEFAULT_MAX_LEN, Objective
 
@@ -200,7 +201,7 @@ def score_records(
 
     output_path = Path(output_path)
     raw = []
-    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
+    tmp = files.temporary(output_path)
     try:
         with open(tmp, "w") as out:
             for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=None):
@@ -211,7 +212,7 @@ def score_records(
                 for record, row, reward in zip(batch, values, rewards, strict=True):
                     out.write(json.dumps({**record, "rewards": clean(row), "reward": clean(float(reward))}) + "\n")
                 raw.append(batch_raw)
-        os.replace(tmp, output_path)
+        files.replace_durably(tmp, output_path)
     finally:
         tmp.unlink(missing_ok=True)
     return np.concatenate(raw)

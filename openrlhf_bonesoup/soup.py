@@ -3,7 +3,7 @@
 It records the objectives, beta and B, the SFT checkpoint, and one entry per backbone j (its
 checkpoint, how it was launched, its size and a sampled content hash, its status). Each backbone's
 launch writes its own entry; backbones are often launched at the same time, so every update is a read-modify-write
-under an exclusive lock, written to a temporary file and renamed (a reader never sees half a file).
+under an exclusive lock, written durably (files.write_durably: a reader or a crash never sees half a file).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrlhf_bonesoup import files
 from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, clean
 
 MANIFEST = "soup.json"
@@ -42,9 +43,9 @@ def _locked(soup_dir: Path) -> Iterator[None]:
 
 
 def _write(soup_dir: Path, manifest: dict) -> None:
-    tmp = soup_dir / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, soup_dir / MANIFEST)
+    # fsync, rename, fsync the folder: after a power loss soup.json is the old manifest or the new one,
+    # never an empty file (it alone records which backbones exist).
+    files.write_durably(soup_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def checkpoint_path(path: str | os.PathLike, what: str, *, hub_ok: bool = False) -> str:

@@ -116,7 +116,7 @@ def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
     assert search["validation_prompts"] == 2 and search["candidates"] == list(REFERENCE_ALPHAS)
     table = np.array(search["means"])  # objective i's corner x alpha candidate x objective
     assert table.shape == (2, len(REFERENCE_ALPHAS), 2)
-    assert r["alpha"] == [REFERENCE_ALPHAS[int(np.argmax(table[i, :, i]))] for i in range(2)]
+    assert all(a in REFERENCE_ALPHAS for a in r["alpha"])  # which one: the test below, on known optima
     assert not (tmp_path / "alpha_search").exists()  # candidate models are removed
 
     # the merged model is the reference code's: x_j = sum_i mu_i k_i sol_i[j], SFT weight sum_i mu_i (1 - k_i),
@@ -130,6 +130,40 @@ def test_alpha_auto_is_the_reference_search(soup_dir, tmp_path):
     provenance = json.loads((tmp_path / "models" / "mu_0.30_0.70" / "bonesoup_merge.json").read_text())
     assert provenance["weights"] == pytest.approx(expected)
     assert provenance["inputs"][2]["path"] == soup.read_soup(soup_dir)["sft"]
+
+
+QUADRATIC = """
+def reward_func(queries, prompts, labels):
+    # -(x_{i} - {target})^2 of the weights x the model answered with (after the prompt's ':')
+    return [-(float(q.split(":")[-1].split(",")[{i}]) - {target}) ** 2 for q in queries]
+"""
+
+
+def test_the_alpha_search_picks_each_objectives_best_candidate(tmp_path, monkeypatch):
+    """Models that answer with their weights, and objectives with a known optimum. Backbone j is row j of
+    B(0.7) and the SFT model 0, so objective i's corner e_i merged with alpha is (1 + alpha) e_i; objective
+    i peaks at x_i = 1 + a_i / (1 - a_i), the reference's candidate for a_i (0.2 and 0.4 here)."""
+    backbones = []
+    for j, row in enumerate([[0.7, 0.3], [0.3, 0.7], [0.0, 0.0]]):  # the last one: the SFT model
+        backbones.append(tmp_path / f"model{j}")
+        backbones[-1].mkdir()
+        save_file({"theta": torch.tensor(row)}, str(backbones[-1] / "model.safetensors"))
+    targets = [1 + 0.2 / 0.8, 1 + 0.4 / 0.6]
+    for i, target in enumerate(targets):
+        (tmp_path / f"objective{i}.py").write_text(QUADRATIC.format(i=i, target=target))
+    objs = objectives.load_objectives(f"{tmp_path / 'objective0.py'},{tmp_path / 'objective1.py'}")
+
+    def answer_with_weights(model, prompts, sampling):
+        theta = load_file(str(model / "model.safetensors"))["theta"].tolist()
+        return [",".join(map(repr, theta))] * len(prompts)
+
+    monkeypatch.setattr(evaluate, "generate", answer_with_weights)
+    search = evaluate.search_alpha(
+        backbones[:2], backbone_matrix(0.7, 2), str(backbones[2]), objs, ["weights:"], tmp_path / "work", {}
+    )
+    assert search["best"] == pytest.approx([0.2 / 0.8, 0.4 / 0.6])
+    means = np.array(search["means"])  # objective i's corner x candidate x objective
+    np.testing.assert_allclose(means[0, :, 0], [-(((1 + a) - targets[0]) ** 2) for a in REFERENCE_ALPHAS], atol=1e-6)
 
 
 def test_prompts_are_formatted_as_openrlhf_formats_them(tiny, tmp_path):

@@ -374,14 +374,16 @@ def checkpointed_runs(strategy, steps, rewards, policy_path) -> dict:
         made.init_checkpoint_states()  # the first thing PPOTrainer.fit does
         return made
 
-    def step(made, samples) -> np.ndarray:  # rewards as combined, and the raw values
+    def step(made, samples, last=True) -> np.ndarray:  # rewards as combined, and the raw values
         experiences = made.experience_maker.make_experience_batch(copy.deepcopy(samples))
         names = [o["name"] for o in strategy.args.bonesoup["objectives"]]
         raw = np.stack([logged(experiences, f"reward_raw/{n}") for n in names], axis=1)
+        if last:  # its policy actor ends, as its run would
+            ray.kill(made.actor_model_group._actor_handlers[0])
         return logged(experiences, "reward"), raw
 
     uninterrupted = trainer(resume=False)
-    _, raw1 = step(uninterrupted, steps[0])
+    _, raw1 = step(uninterrupted, steps[0], last=False)
     states = {"episode": 0, "global_step": 1, "total_consumed_prompts": 4, "data_loader_state_dict": {}}
     uninterrupted.save_logs_and_checkpoints(1, {}, states)
     second, raw2 = step(uninterrupted, steps[1])

@@ -89,11 +89,11 @@ def test_hook_merges_when_the_last_backbone_finishes(trained, tmp_path):
     manifest = soup.read_soup(soup_dir)
     assert [e["status"] for e in manifest["backbones"]] == ["trained", "trained"]
     states = [load_file(str(p / "model.safetensors")) for p in trained["full"]]
-    matrix = coefficients.backbone_matrix(0.7, 2)
-    for out, mu in zip(outs, [[0.0, 1.0], [0.3, 0.7], [1.0, 0.0]], strict=True):
-        lam = coefficients.merge_coefficients(matrix, mu)
+    # lambda = B^-1 mu by hand for B(0.7): ((mu_1 - 0.3) / 0.4, (mu_2 - 0.3) / 0.4)
+    lambdas = [[-0.75, 1.75], [0.0, 1.0], [1.75, -0.75]]
+    for out, mu, lam in zip(outs, [[0.0, 1.0], [0.3, 0.7], [1.0, 0.0]], lambdas, strict=True):
         record = json.loads((out / PROVENANCE).read_text())
-        assert record["lambda"] == pytest.approx(lam.tolist()) and record["preference"] == mu
+        assert record["lambda"] == pytest.approx(lam, abs=1e-12) and record["preference"] == mu
         for field in ("bytes", "sha256_headers_and_samples"):  # the soup and the merge name inputs alike
             assert record["inputs"][0][field] == manifest["backbones"][0][field]
         model = AutoModelForCausalLM.from_pretrained(str(out))

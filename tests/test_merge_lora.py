@@ -79,7 +79,7 @@ def test_concatenated_adapter_equals_densified_merge(lora, tmp_path):
 
 def test_soup_extrapolates_lora_from_the_base_model(lora, tmp_path):
     adapters, matrix = lora["adapters"][:2], coefficients.backbone_matrix(0.7, 2)
-    lam = coefficients.merge_coefficients(matrix, [0.3, 0.7])
+    lam = torch.tensor([0.0, 1.0], dtype=torch.float64)  # B(0.7)^-1 (0.3, 0.7), by hand: ((0.3 - 0.3) / 0.4, ...)
     kw = dict(alpha=0.2, progress=False)
     (dense,) = merge_soup(adapters, matrix, [[0.3, 0.7]], [tmp_path / "d"], densify=True, **kw)
     (concat,) = merge_soup(adapters, matrix, [[0.3, 0.7]], [tmp_path / "c"], sft=lora["base"], **kw)

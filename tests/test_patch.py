@@ -16,10 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import openrlhf.cli
 import pytest
 
-from openrlhf_bonesoup.coefficients import clean
 from openrlhf_bonesoup.integration import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,12 +95,27 @@ def test_the_patched_launch_is_the_drop_in_launchers(patched, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     plan = json.loads(run.stdout[run.stdout.index("{\n") :])  # DeepSpeed logs a line to stdout first
-    expected, _ = launcher.resolve(args)  # the drop-in launcher's --dry_run, on the installed openrlhf
-    assert plan == clean(json.loads(json.dumps(expected)))  # printed as coefficients.clean rounds it
-    assert plan["bonesoup"]["weights"] == pytest.approx([0.3, 0.7]) and plan["bonesoup"]["combiner"] == "bonesoup"
+    # What the drop-in launcher's --dry_run plans for this launch, written out: OpenRLHF's argv without our
+    # flags, both objectives to the reward actors, row 1 of B(0.7), the critic from the policy, an
+    # 11-point sweep, and our hook with the config in Ray's runtime_env.
+    objectives = [
+        {"name": "harmless", "path": "rm/harmless", "kind": "model", "normalize": "none"},
+        {"name": "helpful", "path": "rm/helpful", "kind": "model", "normalize": "none"},
+    ]
+    bonesoup = {"objectives": objectives, "weights": pytest.approx([0.3, 0.7]), "combiner": "bonesoup"}
+    assert plan["bonesoup"] == {**bonesoup, "route": "reward_actors"}
+    assert plan["openrlhf_argv"] == argv(tmp_path)
+    assert plan["reward.model_name_or_path"] == "rm/harmless,rm/helpful" and plan["reward.remote_url"] is None
+    assert plan["critic.model_name_or_path"] == "OpenRLHF/Llama-3-8b-sft-mixture"
+    assert (plan["backbone_index"], plan["output_dir"], plan["soup_dir"]) == (
+        1,
+        str(tmp_path / "ckpt1"),
+        str(tmp_path / "soup"),
+    )
+    np.testing.assert_allclose(plan["merge_preferences"], [[k / 10, 1 - k / 10] for k in range(11)], atol=1e-12)
     assert plan["runtime_env"]["worker_process_setup_hook"] == "openrlhf_bonesoup.integration.worker.setup"
-    assert len(plan["merge_preferences"]) == 11
-    assert "--reward_combiner" not in plan["openrlhf_argv"] and "--dry_run" not in plan["openrlhf_argv"]
+    assert json.loads(plan["runtime_env"]["env_vars"]["OPENRLHF_BONESOUP_CONFIG"]) == plan["bonesoup"]
+    assert plan["cpu"] is None
 
 
 def test_without_the_plugin_a_combiner_is_a_one_line_error(patched, tmp_path):

@@ -532,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="hypervolume reference point r1,r2,... (default: common nadir)")
     p.add_argument("--label", default=None, help="name of this soup in plots and results (default: bone_soup)")
     _generation_flags(p)
-    p.add_argument("--overwrite", action="store_true", help="replace existing merged models in --output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start again in --output (without it, the same command resumes)"
+    )
     p.add_argument("--workers", type=int, default=1, help="merge processes")
     p.set_defaults(func=cmd_evaluate)
 
