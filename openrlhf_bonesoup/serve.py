@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 MODEL = "bonesoup"
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 ROUTES = (*GENERATE, "/v1/models", "/health", "/ping", "/version", "/metrics", "/load", "/tokenize", "/detokenize")
-# Set by `run` for vLLM's fixed flags; a user's vLLM flag may not change them.
+# vLLM flags `vllm_args` sets (--api-server-count: the middleware and resolver live in this one process)
 FIXED = ("--model", "--served-model-name", "--enable-lora", "--worker-extension-cls", "--host", "--port")
+FIXED += ("--api-server-count", "--headless")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank takes (vllm/config/lora.py)
 _SERVED: dict = {}  # this process's soup, for the middleware vLLM builds by import path
 
@@ -456,7 +457,10 @@ def vllm_args(soup: Soup, host: str, port: int, extra: Sequence[str] = ()):
     for token in extra:
         flag = token.split("=")[0].replace("_", "-")
         if flag in FIXED:
-            raise BoneSoupError(f"vLLM flag {flag}: serve sets it (the model from the soup; --host/--port are serve's)")
+            raise BoneSoupError(
+                f"vLLM flag {flag}: serve sets it (the model from the soup, serve's own --host and --port, one API "
+                "server in serve's process)"
+            )
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -476,7 +480,10 @@ def vllm_args(soup: Soup, host: str, port: int, extra: Sequence[str] = ()):
 
     parser.error = error
     args = parser.parse_args([*defaults, *extra, *fixed])
-    validate_parsed_serve_args(args)
+    try:
+        validate_parsed_serve_args(args)
+    except (TypeError, ValueError) as e:  # flags that do not go together
+        raise BoneSoupError(f"vLLM flags: {e}") from None
     return args
 
 
