@@ -400,7 +400,10 @@ def evaluate(
     preferences = [check_preference(mu, n).tolist() for mu in preferences]
     models = sweep_outputs(Path(output) / "models", preferences)
     earlier = [p for p in (Path(output) / "results.json", *models) if p.exists()]
-    if earlier and not engine_kw.get("overwrite"):  # before any model loads, naming the folder as given
+    # A finished evaluation (results.json), or models with no run.json, is refused before any model loads,
+    # naming the folder as given; an interrupted one (run.json, no results.json) is _resumable's to judge.
+    interrupted = (Path(output) / RUN_STATE).is_file() and not (Path(output) / "results.json").exists()
+    if earlier and not interrupted and not engine_kw.get("overwrite"):
         shown = ", ".join(str(p.relative_to(output)) for p in earlier[:2]) + (", ..." if len(earlier) > 2 else "")
         raise BoneSoupError(f"--output {output} holds an earlier evaluation ({shown}): choose another, or --overwrite")
     if alpha == "auto" and alpha_prompts is None:

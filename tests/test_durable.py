@@ -175,6 +175,8 @@ def test_an_interrupted_evaluate_resumes_from_what_it_finished(small_soup, tmp_p
         evaluate.evaluate(small_soup, prefs, prompts, tmp_path / "out", **kw)
     assert sorted(p.name for p in (tmp_path / "out" / "generations").iterdir()) == ["mu_0.00_1.00.jsonl"]
 
+    with pytest.raises(BoneSoupError, match="other settings"):  # interrupted, but with other preferences
+        evaluate.evaluate(small_soup, prefs[:1], prompts, tmp_path / "out", **kw)
     generated.clear()
     monkeypatch.setattr(evaluate, "generate", lambda *a: generated.append(a[0].name) or real(*a))
     again = evaluate.evaluate(small_soup, prefs, prompts, tmp_path / "out", **kw)
@@ -184,7 +186,7 @@ def test_an_interrupted_evaluate_resumes_from_what_it_finished(small_soup, tmp_p
     assert not [p for p in (tmp_path / "out").rglob(".*")]  # no temporary files left
 
     # Another evaluation into the same folder is refused, unless it starts afresh
-    with pytest.raises(BoneSoupError, match="other settings"):
+    with pytest.raises(BoneSoupError, match="holds an earlier evaluation"):  # finished: refused before loading
         evaluate.evaluate(small_soup, prefs[:1], prompts, tmp_path / "out", **kw)
     generated.clear()
     fresh = evaluate.evaluate(small_soup, prefs[:1], prompts, tmp_path / "out", overwrite=True, **kw)
@@ -202,7 +204,7 @@ def test_a_demo_interrupted_by_ctrl_c_does_not_block_its_rerun(tmp_path, monkeyp
 
     with monkeypatch.context() as m:
         m.setattr(demo, "_merged_rewards", interrupted)
-        assert main(["demo", "--output", str(tmp_path / "d")]) == 130
+        assert main(["demo", "--analytic", "--output", str(tmp_path / "d")]) == 130
     assert (tmp_path / "d" / "bone_soup" / "soup.json").is_file() and not (tmp_path / "d" / "results.json").exists()
-    assert main(["demo", "--output", str(tmp_path / "d")]) == 0
+    assert main(["demo", "--analytic", "--output", str(tmp_path / "d")]) == 0
     assert json.loads((tmp_path / "d" / "results.json").read_text())["format"] == demo.FORMAT
