@@ -30,8 +30,10 @@ CLI = [sys.executable, "-m", "openrlhf_bonesoup.cli", "demo"]
 def demo(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # SIGINT at its default in the child, as at a terminal (a background test run ignores it, through exec)
     first = subprocess.Popen([*CLI, "--output", str(out), "--steps", str(STEPS)], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     log = out / "logs" / "bone_soup0.log"
     deadline = time.monotonic() + 300
     while not (log.is_file() and "Ray" in log.read_text(errors="replace")) and time.monotonic() < deadline:

@@ -184,7 +184,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, samples):
         f"--reward.model_name_or_path={tmp_path}/slow.py,{tmp_path}/slow.py",
     ]
     cmd += ["--reward_combiner", "single", "--objective", "0", "--input", str(samples), "--output", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &`) ignores it,
+    # and an ignored signal stays ignored through exec; a user at a terminal has it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
