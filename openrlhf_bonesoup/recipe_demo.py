@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup.coefficients import BoneSoupError, preference_grid
+from openrlhf_bonesoup.coefficients import BoneSoupError, clean, preference_grid
 
 FORMAT = "openrlhf-bonesoup/demo-recipe/v1"
 MARKER = ".openrlhf-bonesoup-demo"  # a folder holding it was written by this demo: a rerun may replace it
@@ -212,7 +212,7 @@ def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts
             )
         tell(f"merged and evaluated {soup_name} at {GRID} preferences through {evaluated[soup_name]['backend']}")
 
-    results = summary(output, evaluated, reference, steps, seed)
+    results = clean(summary(output, evaluated, reference, steps, seed))  # 0.3, not 0.30000000000000004
     results["seconds"] = round(time.perf_counter() - start, 1)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     tell(f"wrote {output / 'results.json'} and {output / 'demo.png'}")
@@ -243,8 +243,11 @@ def summary(output: Path, evaluated: dict, reference: np.ndarray, steps: int, se
         "hypervolume": {k: evaluate.hypervolume(v, reference) for k, v in fronts.items()},
         "pareto": {k: evaluate.pareto_mask(v).tolist() for k, v in fronts.items()},
         "backbones": backbones,
-        # Training moved backbone j as intended: its own objective j above the SFT policy's.
-        "moved": {k: [bool(v[j][j] > reference[j]) for j in range(2)] for k, v in backbones.items()},
+        # Training moved backbone j as intended: its reward h_j = B_j . r above the SFT policy's.
+        "moved": {
+            k: [bool(np.dot(row, v[j]) > np.dot(row, reference)) for j, row in enumerate(evaluated[k]["matrix"])]
+            for k, v in backbones.items()
+        },
         # ... and further than the other backbone did: each backbone is best at its own objective.
         "specialised": {k: [bool(v[j][j] > v[1 - j][j]) for j in range(2)] for k, v in backbones.items()},
         "soups": {k: str(output / k) for k in SOUPS},
