@@ -47,11 +47,12 @@ def recipe(tmp: Path, seeds: list[int], steps: int) -> None:
         wall = time.perf_counter() - start
         r = json.loads((out / "results.json").read_text())
         print(f"seed {seed}: wall {wall:5.0f} s, {wall / 600:.2f} of the 10-minute budget "
-              f"(load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end)")  # fmt: skip
+              f"(load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end)", flush=True)  # fmt: skip
         print(f"  SFT policy {np.round(r['sft'], 4).tolist()}")
         for name, backbones in r["backbones"].items():
             own = [round(h[j], 4) for j, h in enumerate(backbones)]
-            print(f"  {name}: backbone j's objective j {own}, hypervolume {r['hypervolume'][name]:.3g}")
+            print(f"  {name}: backbone j's objective j {own}, moved {r['moved'][name]}, specialised "
+                  f"{r['specialised'][name]}, hypervolume {r['hypervolume'][name]:.3g}", flush=True)  # fmt: skip
             hv[name].append(r["hypervolume"][name])
     for name, values in hv.items():
         print(f"{name}: hypervolume mean {np.mean(values):.3g}, std {np.std(values):.2g} over seeds {seeds}")
