@@ -222,3 +222,30 @@ def test_the_reward_func_route_under_zero3(models, tmp_path):
     for step in (1, 2):
         values = [logs[f"train/reward/{name}"][step] for name in ("bonus", "length")]
         assert logs["train/reward"][step] == pytest.approx(0.7 * values[0] + 0.3 * values[1], rel=1e-4, abs=1e-5)
+
+
+def test_a_resumed_launch_continues_the_running_statistics(models, tmp_path):
+    """--ckpt.load_enable: the resumed launch's trainer starts from the running normalisation statistics
+    saved with the step it resumes (OpenRLHF's checkpoint client_states), not from empty ones."""
+    objectives = tmp_path / "objectives.json"
+    specs = [{"name": "bonus", "path": str(models["reward_func"]), "normalize": "running"}]
+    length = tmp_path / "length.py"
+    length.write_text("def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n")
+    objectives.write_text(json.dumps([*specs, {"name": "length", "path": str(length), "normalize": "running"}]))
+    ckpt = ["--ckpt.path", str(tmp_path / "ckpt"), "--ckpt.save_steps", "1"]
+    ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
+    first = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=1)
+    launch([*ours, *first, *ckpt], tmp_path / "first.log")
+    again = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=2)
+    launch([*ours, *again, *ckpt, "--ckpt.load_enable"], tmp_path / "resumed.log")
+
+    def statistics(step: int) -> dict:
+        path = tmp_path / "ckpt" / "_actor" / f"global_step{step}" / "mp_rank_00_model_states.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["bonesoup_running_statistics"]
+
+    # 4 rollouts per step: the step-1 checkpoint counted 4 per objective; the resumed run's step 2 adds its
+    # own 4 to those (statistics that started empty would count 4 again).
+    assert statistics(1)["count"] == [4.0, 4.0]
+    assert statistics(2)["count"] == [8.0, 8.0]
+    resumed = (tmp_path / "resumed.log").read_text()
+    assert "Global step 2:" in resumed and "Global step 1:" not in resumed  # it resumed after step 1
