@@ -20,7 +20,7 @@ import psutil  # Ray's dependency: the interrupted run's process tree
 import pytest
 
 from openrlhf_bonesoup import evaluate, recipe_demo, soup
-from openrlhf_bonesoup.cli import main
+from openrlhf_bonesoup.cli import build_parser, main
 
 STEPS = 12  # the default; in the measured 12-step run (docs/demo.md) the reward had not risen by step 4
 CLI = [sys.executable, "-m", "openrlhf_bonesoup.cli", "demo"]
@@ -81,7 +81,8 @@ def test_every_file_it_writes(demo):
     # one line per stage, then the summary and the serve command of the soup it trained
     lines = demo["stdout"].splitlines()
     assert [line.split("]")[0] for line in lines[:9]] == [f"[{k}/9" for k in range(1, 10)]
-    assert lines[-1].strip() == f"openrlhf-bonesoup serve --soup_dir {out / 'bone_soup'} --device cpu"
+    assert lines[-1].strip() == f"openrlhf-bonesoup serve --soup_dir {out / 'bone_soup'}"
+    build_parser().parse_args(lines[-1].split()[1:])  # a command serve takes (a bad flag raises)
     assert len(lines) <= 14, demo["stdout"]
 
 

@@ -335,7 +335,7 @@ def _demo_recipe(args: argparse.Namespace) -> int:
     for name, moved in r["moved"].items():
         print(f"{name}: backbone j raised objective j above the SFT policy: {moved}")
     print(f"done in {r['seconds']:.0f} s. Serve the Bone Soup it trained (any preference per request):")
-    print(f"  openrlhf-bonesoup serve --soup_dir {Path(args.output).resolve() / 'bone_soup'} --device cpu")
+    print(f"  openrlhf-bonesoup serve --soup_dir {Path(args.output).resolve() / 'bone_soup'}")
     return 0
 
 
