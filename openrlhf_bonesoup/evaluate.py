@@ -434,7 +434,6 @@ def evaluate(
     # LoRA soups: merged adapters become full weights of their base model, which vLLM and
     # transformers both load as they are.
     engine_kw.setdefault("densify", all((Path(b) / "adapter_config.json").is_file() for b in backbones))
-    models = sweep_outputs(output / "models", preferences)
     todo = [k for k, model in enumerate(models) if not (resume and model.is_dir())]  # published: complete
     if todo:
         merge_soup(

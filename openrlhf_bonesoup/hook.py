@@ -63,10 +63,7 @@ def _convert_adapter_pickle(folder: Path) -> None:
     try:
         tensors = {name: x.detach().clone().contiguous() for name, x in state.items()}  # no shared storage
         save_file(tensors, str(partial), metadata={"format": "pt"})
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, target)  # readers see no safetensors file, or the whole one
-        files.fsync_dir(folder)
+        files.replace_durably(partial, target)  # readers see no safetensors file, or the whole one
     finally:
         partial.unlink(missing_ok=True)
     log.info("converted %s to %s", source, target)
