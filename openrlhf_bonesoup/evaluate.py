@@ -231,13 +231,19 @@ def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
     else:
         llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
         llm.reset_prefix_cache()  # cached prefixes hold the previous weights' keys and values
-    params = vllm.SamplingParams(
-        temperature=sampling["temperature"],
-        top_p=sampling["top_p"],
-        max_tokens=sampling["max_new_tokens"],
-        seed=sampling["seed"],
-        skip_special_tokens=True,
-    )
+    # One seed per prompt, the same for every model: with one seed for all, vLLM draws the same random
+    # numbers for every prompt, and a policy that barely reads its prompt (the demo's) answered all 24
+    # prompts with one identical sample, so a mean over prompts was one sample's score.
+    params = [
+        vllm.SamplingParams(
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            max_tokens=sampling["max_new_tokens"],
+            seed=sampling["seed"] + i,
+            skip_special_tokens=True,
+        )
+        for i in range(len(prompts))
+    ]
     return [out.outputs[0].text for out in llm.generate(list(prompts), params, use_tqdm=False)]
 
 

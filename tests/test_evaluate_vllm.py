@@ -112,3 +112,17 @@ def test_vllm_branch_matches_transformers(vllm_soup, tmp_path):
     means_vllm, means_hf = np.asarray(with_vllm["mean"]), np.asarray(with_hf["mean"])
     np.testing.assert_array_equal(_pairwise_order(means_vllm), _pairwise_order(means_hf))
     np.testing.assert_allclose(means_vllm, means_hf, atol=1e-3)
+
+
+def test_sampled_responses_are_drawn_independently_per_prompt_and_reproducibly(tiny_gpu):
+    """The same prompt six times, sampled at temperature 1 from a random policy (a flat distribution):
+    one seed per prompt gives six different draws (one seed for all gave six copies of one sample, so a
+    mean over prompts was one sample's score), and the same six again on a second call."""
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "backend": "vllm"}
+    try:
+        first = evaluate.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6, sampling)
+        again = evaluate.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6, sampling)
+    finally:
+        evaluate.close_engine()
+    assert len(set(first)) == 6, first
+    assert again == first
