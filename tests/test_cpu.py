@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+from openrlhf_bonesoup.coefficients import BoneSoupError
 from openrlhf_bonesoup.integration import cpu, launcher, worker
 
 # The upstream call each replacement stands for, run after `cpu.apply(...)`.
@@ -167,19 +168,24 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     }
 
 
-@pytest.mark.parametrize(
-    "flag", ["--ds.packing_samples", "--vllm.enable_sleep", "--ds.enable_sleep", "--vllm.sync_with_ray"]
-)
-def test_options_that_need_cuda_are_refused_with_cpu(flag, tiny, tmp_path):
+@pytest.mark.parametrize("option", sorted(launcher.CPU_REFUSED))
+def test_options_that_need_cuda_are_refused_with_cpu(option, tiny, tmp_path):
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
-    argv += ["--cpu"]
-    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", "--dry_run", flag]
+    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", f"--{option}"]
+    launcher.resolve(argv)  # accepted without --cpu
+    with pytest.raises(BoneSoupError, match=f"^--{option} cannot run with --cpu: {launcher.CPU_REFUSED[option]}$"):
+        launcher.resolve([*argv, "--cpu"])
+
+
+def test_a_refused_option_is_one_line_and_exit_2(tiny, tmp_path):
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
+    argv += ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", "--dry_run"]
     done = subprocess.run(
-        [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv], capture_output=True, text=True
+        [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv, "--vllm.enable_sleep"],
+        capture_output=True,
+        text=True,
     )
-    assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        .splitlines()[-1]
-        .endswith(f"error: {flag} cannot run with --cpu: " + (launcher.CPU_REFUSED[flag[2:]]))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "error: --vllm.enable_sleep cannot run with --cpu: " + launcher.CPU_REFUSED["vllm.enable_sleep"]
     )
