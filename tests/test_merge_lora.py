@@ -118,3 +118,22 @@ def test_lora_validation(lora, tmp_path):
     with pytest.raises(BoneSoupError, match=r"never unpickles.*torch.load\(.*weights_only=True"):
         merge_checkpoints([a0, zero3], [[0.5, 0.5]], [tmp_path / "o"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["partial", "zero3"]
+
+
+def test_a_lora_policy_sends_vllm_the_merged_weights_under_hf_names(lora):
+    """integration/worker.vllm_weights: what a LoRA policy's weight sync sends vLLM (OpenRLHF 0.11.2 sends the
+    PEFT parameters themselves, which vLLM cannot load): exactly the HF model's parameters, each adapted one
+    equal to base + s B A computed independently (fan_in_fan_out on GPT-2)."""
+    from openrlhf_bonesoup.integration.worker import vllm_weights
+
+    base = AutoModelForCausalLM.from_pretrained(str(lora["base"]))
+    names = [name for name, _ in base.named_parameters()]
+    policy = PeftModel.from_pretrained(base, str(lora["adapters"][1]))
+    sent = vllm_weights(policy, zero3=False)
+    assert [name for name, _ in sent] == names
+    want = dict(expected_model(lora["base"], [lora["adapters"][1]], [1.0]).named_parameters())
+    for name, tensor in sent:
+        assert tensor.dtype == want[name].dtype
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    untouched = dict(AutoModelForCausalLM.from_pretrained(str(lora["base"])).named_parameters())
+    assert sum(not torch.equal(tensor, untouched[name]) for name, tensor in sent) >= 8  # the adapted layers

@@ -17,6 +17,10 @@ module it patches (a one-shot import finder), in exactly the processes that use 
 - `SingleTurnAgentExecutor.execute` (the vLLM rollout processes): upstream catches and only logs
   every exception of a remote reward / `reward_func`, leaving the reward None. The patch turns a
   missing reward into an error, so a failing endpoint stops training instead of vanishing.
+- `ActorPPOTrainer.broadcast_to_vllm` (the policy actors), LoRA only (`--ds.lora.rank`): upstream sends
+  the PEFT model's own parameters (`base_model.model...base_layer.weight`, `lora_A`, `lora_B`, fp32
+  under ZeRO 3), which vLLM cannot load. The patch has upstream's loop send what vLLM loads instead:
+  each adapted layer's weight with the adapter merged in (PEFT's `get_delta_weight`), under the HF name.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def setup() -> None:
     _on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
     _on_import("openrlhf.trainer.ppo_trainer", _patch_trainer)
     _on_import("openrlhf.utils.agent", _patch_agent)
+    _on_import("openrlhf.trainer.ray.ppo_actor", _patch_lora_sync)
 
 
 def config() -> dict:
@@ -198,3 +203,53 @@ def _patch_agent(module: ModuleType) -> None:
 
     execute.bonesoup = True
     cls.execute = execute
+
+
+def _patch_lora_sync(module: ModuleType) -> None:
+    cls = module.ActorPPOTrainer
+    if getattr(cls.broadcast_to_vllm, "bonesoup", False):
+        return
+    upstream = cls.broadcast_to_vllm
+
+    def broadcast_to_vllm(self):
+        model = self.actor.model.module  # what upstream's loop reads (ppo_actor.py:418, 477)
+        if not hasattr(model, "peft_config"):
+            return upstream(self)
+        weights = vllm_weights(model, self.strategy.args.ds.zero_stage == 3)
+        # An instance attribute shadowing the method for this call only: the class and module are untouched.
+        model.named_parameters = lambda *args, **kwargs: iter(weights)
+        try:
+            return upstream(self)
+        finally:
+            del model.named_parameters
+
+    broadcast_to_vllm.bonesoup = True
+    cls.broadcast_to_vllm = broadcast_to_vllm
+
+
+def vllm_weights(model, zero3: bool) -> list:
+    """A PEFT LoRA model's weights as vLLM loads them: [(HF name, tensor)], adapters merged, none of LoRA's own.
+
+    Each adapted layer's weight is W + s B A in fp32, rounded once to W's dtype (one copy per adapted
+    layer, held for the sync: upstream lists every parameter before sending the first). The other
+    parameters are the model's own, which upstream's loop gathers under ZeRO 3 as it sends them.
+    """
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for name, layer in base.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        with deepspeed.zero.GatheredParameters(list(layer.parameters()), enabled=zero3):
+            weight = layer.get_base_layer().weight
+            delta = layer.get_delta_weight(model.active_adapter)
+            tensor = (weight.data.float() + delta.float()).to(weight.dtype)
+        tensor.ds_shape = tensor.shape  # what upstream reads of a ZeRO-3 parameter (ppo_actor.py:428)
+        merged[f"{name}.base_layer.weight"] = tensor
+    return [
+        (name.replace(".base_layer.", "."), merged.get(name, param))
+        for name, param in base.named_parameters()
+        if ".lora_" not in name
+    ]
