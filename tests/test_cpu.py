@@ -186,6 +186,8 @@ def test_a_refused_option_is_one_line_and_exit_2(tiny, tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].endswith(
-        "error: --vllm.enable_sleep cannot run with --cpu: " + launcher.CPU_REFUSED["vllm.enable_sleep"]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: --vllm.enable_sleep cannot run with --cpu: " + launcher.CPU_REFUSED["vllm.enable_sleep"])
     )
