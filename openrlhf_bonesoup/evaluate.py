@@ -453,6 +453,7 @@ def evaluate(
         )
     samples = []
     (output / "generations").mkdir(exist_ok=True)
+    opened = "llm" not in _ENGINE  # a caller's engine (the demo's, shared by its evaluations) stays open
     try:
         for model in tqdm(models, desc="preferences", unit="model"):
             done = output / "generations" / f"{model.name}.jsonl"
@@ -469,7 +470,8 @@ def evaluate(
             ]
             files.write_durably(done, "".join(lines))
     finally:
-        close_engine()
+        if opened:
+            close_engine()
     label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
     results = {
         "format": FORMAT,

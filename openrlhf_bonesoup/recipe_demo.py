@@ -30,18 +30,29 @@ MARKER = ".openrlhf-bonesoup-demo"  # a folder holding it was written by this de
 NAMES = ["early", "late"]
 SOUPS = {"bone_soup": 0.7, "rewarded_soup": 1.0}
 GRID = 11
+# Rollouts per PPO step. With 4, a step's advantages were too noisy: in 12 steps the Bone Soup backbones'
+# rewards did not rise (h_j = 0.7 r_j + 0.3 r_other contrasts the objectives less than r_j alone); 16
+# cost ~5 s more per launch, whose ~55 s are start-up.
+ROLLOUTS = 16
 TOPICS = """bread rain music gardens rivers chess winter coffee trains islands maps robots poems stars
 tea bikes clocks ships honey deserts kites lamps wolves mirrors""".split()
 
 # One rule objective per file, OpenRLHF's reward_func signature. The response is what the query adds to
 # its prompt; its score is the share of its characters that fall in the objective's letter range.
+# OpenRLHF decodes rollouts for reward functions with their special tokens (utils/agent.py:288,
+# skip_special_tokens=False), while what a user gets (vLLM, evaluate, serve) has them stripped: scored
+# with them, the policy learned to emit `<s>` (an n-z letter in 3 characters) and answered nothing.
 REWARD = """import torch
+
+SPECIAL = {special!r}  # the policy tokenizer's special tokens: not part of the text a user sees
 
 
 def reward_func(queries, prompts, labels):
     out = []
     for q, p in zip(queries, prompts):
         response = q[len(p):] if q.startswith(p) else q
+        for token in SPECIAL:
+            response = response.replace(token, "")
         hits = sum(1 for ch in response.lower() if {lo!r} <= ch <= {hi!r})
         out.append(hits / max(1, len(response)))
     return torch.tensor(out, dtype=torch.float32)
@@ -53,11 +64,12 @@ def build(out: Path, prompts: int) -> dict[str, Path]:
     from openrlhf_bonesoup import tiny
 
     paths = {"policy": out / "sft"}
-    tiny.make_llama_lm(paths["policy"], tiny.make_tokenizer(out / "tokenizer", "llama"), seed=0, hidden_size=256)
+    tokenizer = tiny.make_tokenizer(out / "tokenizer", "llama")
+    tiny.make_llama_lm(paths["policy"], tokenizer, seed=0, hidden_size=256)
     specs = []
     for name, (lo, hi) in zip(NAMES, [("a", "m"), ("n", "z")], strict=True):
         path = out / f"reward_{name}.py"
-        path.write_text(REWARD.format(lo=lo, hi=hi))
+        path.write_text(REWARD.format(lo=lo, hi=hi, special=tokenizer.all_special_tokens))
         specs.append({"name": name, "path": str(path)})
     paths["objectives"] = out / "objectives.json"
     paths["objectives"].write_text(json.dumps(specs, indent=2) + "\n")
@@ -69,14 +81,20 @@ def build(out: Path, prompts: int) -> dict[str, Path]:
 
 
 def launch_argv(paths: dict, out: Path, soup: str, j: int, steps: int, seed: int) -> list[str]:
-    """One backbone's `--cpu` launch: `steps` PPO steps of 4 rollouts, a learning rate that moves a tiny policy."""
+    """One backbone's `--cpu` launch: `steps` PPO steps of ROLLOUTS rollouts, a learning rate that moves a tiny
+    policy."""
     from openrlhf_bonesoup import tiny
 
     args = tiny.rehearsal_argv(paths, out, j)
-    args[args.index("--beta") + 1] = str(SOUPS[soup])
-    args[args.index("--soup_dir") + 1] = str(out / soup)
-    args[args.index("--ckpt.output_dir") + 1] = str(out / "backbones" / f"{soup}{j}")
-    args[args.index("--data.max_samples") + 1] = str(4 * steps)
+    settings = {"--beta": SOUPS[soup], "--soup_dir": out / soup, "--ckpt.output_dir": out / "backbones" / f"{soup}{j}"}
+    settings |= {
+        "--data.max_samples": ROLLOUTS * steps,
+        "--rollout.batch_size": ROLLOUTS,
+        "--train.batch_size": ROLLOUTS,
+    }
+    settings |= {"--rollout.micro_batch_size": ROLLOUTS // 2, "--train.micro_batch_size": ROLLOUTS // 2}
+    for flag, value in settings.items():
+        args[args.index(flag) + 1] = str(value)
     args.remove("--data.label_key")
     args.remove("label")
     args += ["--actor.adam.lr", "1e-2", "--actor.lr_scheduler", "constant", "--train.seed", str(seed)]
@@ -136,10 +154,7 @@ def sft_scores(paths: dict, sampling: dict, data: dict) -> np.ndarray:
     from openrlhf_bonesoup import evaluate, objectives
 
     texts = evaluate.read_prompts(paths["prompts"], paths["policy"], **data)
-    try:
-        responses = evaluate.generate(paths["policy"], texts, sampling)
-    finally:
-        evaluate.close_engine()
+    responses = evaluate.generate(paths["policy"], texts, sampling)  # the engine both evaluations reuse
     objs = objectives.load_objectives(str(paths["objectives"]))
     return evaluate.score_responses(objs, texts, responses, sampling["batch_size"])
 
@@ -180,7 +195,7 @@ def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts
         say(f"[{next(stage)}/{total}] {text} ({time.perf_counter() - start:.0f} s)")
 
     with _quiet(output / "logs" / "build.log"):
-        paths = build(output / "models", max(4 * steps, eval_prompts))
+        paths = build(output / "models", max(ROLLOUTS * steps, eval_prompts))
     tell(f"built the tiny SFT policy and objectives {NAMES} in {output / 'models'}")
     for soup_name in SOUPS:
         for j in range(2):
@@ -193,24 +208,28 @@ def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts
 
     data = {**evaluate.DATA, "max_samples": eval_prompts}
     sampling = {**evaluate.SAMPLING, "max_new_tokens": 16}
-    with _quiet(output / "logs" / "evaluate.log"):
-        sft = sft_scores(paths, sampling, data)
-    reference = sft.mean(axis=0)
-    tell(f"evaluated the SFT policy: {dict(zip(NAMES, np.round(reference, 4).tolist(), strict=True))}")
     evaluated = {}
-    for soup_name in SOUPS:
+    try:  # one vLLM engine for the SFT policy and both soups (a start costs 15-20 s here): ours to close
         with _quiet(output / "logs" / "evaluate.log"):
-            evaluated[soup_name] = evaluate.evaluate(
-                output / soup_name,
-                [mu.tolist() for mu in preference_grid(GRID)],
-                paths["prompts"],
-                output / "eval" / soup_name,
-                data=data,
-                sampling=sampling,
-                reference=reference.tolist(),
-                label=soup_name,
-            )
-        tell(f"merged and evaluated {soup_name} at {GRID} preferences through {evaluated[soup_name]['backend']}")
+            sft = sft_scores(paths, sampling, data)
+        reference = sft.mean(axis=0)
+        tell(f"evaluated the SFT policy: {dict(zip(NAMES, np.round(reference, 4).tolist(), strict=True))}")
+        for soup_name in SOUPS:
+            with _quiet(output / "logs" / "evaluate.log"):
+                evaluated[soup_name] = evaluate.evaluate(
+                    output / soup_name,
+                    [mu.tolist() for mu in preference_grid(GRID)],
+                    paths["prompts"],
+                    output / "eval" / soup_name,
+                    data=data,
+                    sampling=sampling,
+                    reference=reference.tolist(),
+                    label=soup_name,
+                )
+            tell(f"merged and evaluated {soup_name} at {GRID} preferences through {evaluated[soup_name]['backend']}")
+    finally:
+        with _quiet(output / "logs" / "evaluate.log"):
+            evaluate.close_engine()
 
     results = clean(summary(output, evaluated, reference, steps, seed))  # 0.3, not 0.30000000000000004
     results["seconds"] = round(time.perf_counter() - start, 1)

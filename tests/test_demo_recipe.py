@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from openrlhf_bonesoup import evaluate, recipe_demo, soup
 from openrlhf_bonesoup.cli import build_parser, main
 
-STEPS = 12  # the default; in the measured 12-step run (docs/demo.md) the reward had not risen by step 4
+STEPS = 12  # the default: a step costs ~1 s of a launch's ~60 s (start-up), fewer would only weaken training
 CLI = [sys.executable, "-m", "openrlhf_bonesoup.cli", "demo"]
 
 
@@ -96,9 +97,9 @@ def test_each_backbone_moved_its_reward_above_the_sft_policy(demo):
         for name, backbones in results["backbones"].items()
     }
     assert results["moved"] == {name: [bool(g > 0) for g in gain] for name, gain in gains.items()}
-    # Whether training moved them is not asserted: in 7 measured runs one left a backbone behind and one
-    # ended with three backbones generating empty responses at evaluation (an open finding of issue 19), so
-    # a check of the toy's training outcome would fail CI by chance.
+    # Training moved every backbone towards its own h_j (docs/demo.md: in the measured runs by 0.05-0.4,
+    # against a spread of ~0.04 for a mean over the 24 evaluation prompts).
+    assert all(g > 0 for gain in gains.values() for g in gain), gains
     # the hypervolumes are those of the fronts against the SFT point
     for name, front in results["fronts"].items():
         assert results["hypervolume"][name] == pytest.approx(evaluate.hypervolume(np.asarray(front), sft))
@@ -124,3 +125,16 @@ def test_a_foreign_folder_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not empty" in err and "--steps" in err and "Traceback" not in err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_the_objectives_score_the_text_a_user_sees(tmp_path):
+    """OpenRLHF hands reward functions the rollouts decoded with their special tokens; the demo's
+    objectives score them without, as vLLM, evaluate and serve return the text (with them, `</s>`
+    alone, an immediate stop, earned `late` 0.25 and `<s>` 0.33)."""
+    paths = recipe_demo.build(tmp_path, prompts=2)
+    early, late = (runpy.run_path(spec["path"])["reward_func"] for spec in json.loads(paths["objectives"].read_text()))
+    prompt = "Human: Tell me about tea. Assistant:"
+    responses = ["abc", "xyz", "</s>", "<s><s><pad>", "ab<s>yz</s>", " Ab, Yz!"]
+    queries = [prompt + r for r in responses]
+    assert early(queries, [prompt] * 6, None).tolist() == [1.0, 0.0, 0.0, 0.0, 0.5, 0.25]
+    assert late(queries, [prompt] * 6, None).tolist() == [0.0, 1.0, 0.0, 0.0, 0.5, 0.25]
