@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM
 
 from openrlhf_bonesoup import lora, soup, tiny
 from openrlhf_bonesoup.integration import cpu
+from openrlhf_bonesoup.integration.worker import STATE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = ROOT / "patches" / "openrlhf-0.11.2-bonesoup.patch"
@@ -91,8 +92,14 @@ def models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def recipe(models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("recipe")
+    # `bonus` normalised with running statistics, which backbone 0's checkpoints keep for the resumed launch
+    specs = json.loads(models["objectives"].read_text())
+    specs[NAMES.index("bonus")]["normalize"] = "running"
+    models = {**models, "objectives": root / "objectives.json"}
+    models["objectives"].write_text(json.dumps(specs))
     ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
-    launch([*ours, *argv(models, root, 0, root / "tb0", steps=3)], root / "backbone0.log")
+    ckpt = ["--ckpt.path", str(root / "ckpt"), "--ckpt.save_steps", "1"]
+    launch([*ours, *argv(models, root, 0, root / "tb0", steps=3), *ckpt], root / "backbone0.log")
 
     # Backbone 1 through OpenRLHF's own launcher, patched: a copy of the installed package first on the path.
     patched = root / "patched"
@@ -232,28 +239,22 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
     assert abs(logs["train/vllm_kl"][2]) < SYNC_GAP, logs["train/vllm_kl"]
 
 
-def test_a_resumed_launch_continues_the_running_statistics(models, tmp_path):
+def test_a_resumed_launch_continues_the_running_statistics(recipe, tmp_path):
     """--ckpt.load_enable: the resumed launch's trainer starts from the running normalisation statistics
-    saved with the step it resumes (OpenRLHF's checkpoint client_states), not from empty ones."""
-    objectives = tmp_path / "objectives.json"
-    specs = [{"name": "bonus", "path": str(models["reward_func"]), "normalize": "running"}]
-    length = tmp_path / "length.py"
-    length.write_text("def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n")
-    objectives.write_text(json.dumps([*specs, {"name": "length", "path": str(length), "normalize": "running"}]))
-    ckpt = ["--ckpt.path", str(tmp_path / "ckpt"), "--ckpt.save_steps", "1"]
+    saved with the step it resumes (OpenRLHF's checkpoint client_states), not from empty ones. It resumes
+    backbone 0's launch (3 steps, a checkpoint each) for a fourth step."""
+    ckpt = recipe["root"] / "ckpt"
     ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
-    first = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=1)
-    launch([*ours, *first, *ckpt], tmp_path / "first.log")
-    again = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=2)
-    launch([*ours, *again, *ckpt, "--ckpt.load_enable"], tmp_path / "resumed.log")
+    again = argv(recipe["models"], tmp_path, 0, tmp_path / "tb", steps=4)
+    launch([*ours, *again, "--ckpt.path", str(ckpt), "--ckpt.save_steps", "1", "--ckpt.load_enable"], tmp_path / "log")
 
-    def statistics(step: int) -> dict:
-        path = tmp_path / "ckpt" / "_actor" / f"global_step{step}" / "mp_rank_00_model_states.pt"
-        return torch.load(path, map_location="cpu", weights_only=False)["bonesoup_running_statistics"]
+    def bonus_count(step: int) -> float:
+        path = ckpt / "_actor" / f"global_step{step}" / "mp_rank_00_model_states.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)[STATE_KEY]["count"][NAMES.index("bonus")]
 
-    # 4 rollouts per step: the step-1 checkpoint counted 4 per objective; the resumed run's step 2 adds its
-    # own 4 to those (statistics that started empty would count 4 again).
-    assert statistics(1)["count"] == [4.0, 4.0]
-    assert statistics(2)["count"] == [8.0, 8.0]
-    resumed = (tmp_path / "resumed.log").read_text()
-    assert "Global step 2:" in resumed and "Global step 1:" not in resumed  # it resumed after step 1
+    # 4 rollouts per step: the step-3 checkpoint counted 12; the resumed run's step 4 adds its own 4 to
+    # those (statistics that started empty would count 4).
+    assert bonus_count(3) == 12.0
+    assert bonus_count(4) == 16.0
+    resumed = (tmp_path / "log").read_text()
+    assert "Global step 4:" in resumed and "Global step 3:" not in resumed  # it resumed after step 3
