@@ -1,6 +1,6 @@
 """Demo benchmark: `openrlhf-bonesoup demo` end to end, as the README runs it, in fresh processes.
 
-    .venv/bin/python benchmarks/demo.py [--seeds 1,2,3] [--steps 12]
+    .venv/bin/python benchmarks/demo.py [--seeds 1,2,3] [--steps 24]
     .venv/bin/python benchmarks/demo.py --analytic
 
 The real demo (four --cpu PPO launches, merges, vLLM evaluation) once per training seed: prints each
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--analytic", action="store_true")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=24)  # recipe_demo.STEPS
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.analytic:

@@ -30,10 +30,12 @@ MARKER = ".openrlhf-bonesoup-demo"  # a folder holding it was written by this de
 NAMES = ["early", "late"]
 SOUPS = {"bone_soup": 0.7, "rewarded_soup": 1.0}
 GRID = 11
-# Rollouts per PPO step. With 4, a step's advantages were too noisy: in 12 steps the Bone Soup backbones'
-# rewards did not rise (h_j = 0.7 r_j + 0.3 r_other contrasts the objectives less than r_j alone); 16
-# cost ~5 s more per launch, whose ~55 s are start-up.
-ROLLOUTS = 16
+# PPO steps, rollouts per step and the actor's learning rate. With 4 rollouts a step's advantages were too
+# noisy: in 12 steps the Bone Soup backbones' rewards did not rise (h_j = 0.7 r_j + 0.3 r_other contrasts
+# the objectives less than r_j alone). At 1e-2, Adam's steps wrecked policies whose rollouts all scored
+# alike: one ended its 12 steps at reward 1.0 and then answered every prompt with </s> (p = 0.997).
+# 24 steps of 16 at 3e-3 rose smoothly in the runs measured (docs/demo.md); ~85 s per launch, ~55 s of it start-up.
+STEPS, ROLLOUTS, LR = 24, 16, "3e-3"
 TOPICS = """bread rain music gardens rivers chess winter coffee trains islands maps robots poems stars
 tea bikes clocks ships honey deserts kites lamps wolves mirrors""".split()
 
@@ -97,7 +99,7 @@ def launch_argv(paths: dict, out: Path, soup: str, j: int, steps: int, seed: int
         args[args.index(flag) + 1] = str(value)
     args.remove("--data.label_key")
     args.remove("label")
-    args += ["--actor.adam.lr", "1e-2", "--actor.lr_scheduler", "constant", "--train.seed", str(seed)]
+    args += ["--actor.adam.lr", LR, "--actor.lr_scheduler", "constant", "--train.seed", str(seed)]
     args += ["--logger.tensorboard_dir", str(out / "tensorboard"), "--logger.wandb.run_name", f"{soup}{j}"]
     return [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *args]
 
@@ -180,7 +182,7 @@ def figure(results: dict) -> tuple:
     return fig, drawn
 
 
-def run(output: str | os.PathLike, steps: int = 12, seed: int = 42, eval_prompts: int = 24, say=print) -> dict:
+def run(output: str | os.PathLike, steps: int = STEPS, seed: int = 42, eval_prompts: int = 24, say=print) -> dict:
     """The whole demo into `output`; `say` gets one line per stage. Returns results.json's content."""
     from openrlhf_bonesoup import evaluate
 

@@ -23,7 +23,7 @@ import pytest
 from openrlhf_bonesoup import evaluate, recipe_demo, soup
 from openrlhf_bonesoup.cli import build_parser, main
 
-STEPS = 12  # the default: a step costs ~1 s of a launch's ~60 s (start-up), fewer would only weaken training
+STEPS = recipe_demo.STEPS  # the default (24): a step costs ~1.3 s of a launch's ~85 s; fewer weakened training
 CLI = [sys.executable, "-m", "openrlhf_bonesoup.cli", "demo"]
 
 

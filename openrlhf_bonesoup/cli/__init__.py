@@ -324,10 +324,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_recipe(args: argparse.Namespace) -> int:
     from openrlhf_bonesoup import recipe_demo
 
-    if args.steps < 1:
-        raise BoneSoupError(f"--steps takes a positive number of PPO steps, got {args.steps}")
+    steps = recipe_demo.STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise BoneSoupError(f"--steps takes a positive number of PPO steps, got {steps}")
     try:
-        r = recipe_demo.run(args.output, steps=args.steps, seed=args.seed)
+        r = recipe_demo.run(args.output, steps=steps, seed=args.seed)
     except KeyboardInterrupt:  # the running launch and its processes are ended by then (recipe_demo._run)
         print(f"interrupted; the same command starts again from scratch in {args.output}", file=sys.stderr)
         return 130
@@ -565,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the recipe on tiny LMs: OpenRLHF PPO on CPU, Bone Soup vs Rewarded Soup")
     p.add_argument("--output", required=True, help="folder for results.json, demo.png, the soups and logs")
-    p.add_argument("--steps", type=int, default=12, help="PPO steps per backbone (default 12)")
+    p.add_argument("--steps", type=int, help="PPO steps per backbone (default 24: recipe_demo.STEPS)")
     p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
     p.add_argument("--analytic", action="store_true", help="the Theorem 1 check on quadratic rewards instead (4 s)")
     p.add_argument("--beta", type=float, default=0.7, help="--analytic: diagonal of B, in (1/2, 1] (default 0.7)")
