@@ -193,7 +193,8 @@ def vllm_usable() -> bool:
 def generate(model_dir: str | os.PathLike, prompts: Sequence[str], sampling: dict) -> list[str]:
     """One sampled response per prompt, seeded: vLLM when usable, else transformers' generate.
 
-    temperature 0 is greedy decoding in both. Responses are decoded without special tokens.
+    temperature 0 is greedy decoding in both. At least one token, as OpenRLHF's rollouts. Responses are
+    decoded without special tokens.
     """
     sampling = {**SAMPLING, **sampling}
     if backend(sampling) == "vllm":
@@ -239,6 +240,7 @@ def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
             temperature=sampling["temperature"],
             top_p=sampling["top_p"],
             max_tokens=sampling["max_new_tokens"],
+            min_tokens=1,  # as OpenRLHF's rollouts (see _generate_hf)
             seed=sampling["seed"] + i,
             skip_special_tokens=True,
         )
@@ -277,6 +279,10 @@ def _generate_hf(model_dir, prompts, sampling) -> list[str]:
         if greedy
         else {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
     )  # top_k 0 turns off transformers' default top-k of 50: vLLM's default and the reference's setting
+    # At least one token, as OpenRLHF's rollouts (samples_generator.py: min_tokens = --rollout min_new_tokens,
+    # default 1): training never sees an immediate end, so nothing teaches a policy against it, and the
+    # demo's policies drifted to P(</s> first) = 0.5 that only an evaluation without the floor revealed.
+    kwargs["min_new_tokens"] = 1
     torch.manual_seed(sampling["seed"])  # one seeded stream per model: every preference samples alike
     texts = []
     size = sampling["batch_size"]

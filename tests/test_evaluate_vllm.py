@@ -126,3 +126,26 @@ def test_sampled_responses_are_drawn_independently_per_prompt_and_reproducibly(t
         evaluate.close_engine()
     assert len(set(first)) == 6, first
     assert again == first
+
+
+def test_every_response_has_a_token_as_in_openrlhfs_rollouts(tiny_gpu, tmp_path):
+    """OpenRLHF samples rollouts with at least one token (min_tokens 1), so training never teaches a policy
+    against ending at once; evaluate samples the same way in both branches. The policy here ends at once
+    with p ~ 1 (every hidden state has a large constant component that only </s>'s lm_head row reads): one
+    token, then </s>, instead of an empty answer."""
+    model = LlamaForCausalLM.from_pretrained(str(tiny_gpu["policy"]), dtype=torch.float32)
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos, 0] = 10.0
+    model.save_pretrained(str(tmp_path / "ends"))
+    tiny_models.make_tokenizer(tmp_path / "ends", "llama")
+    prompts = ["Human: Tell me about tea. Assistant:"] * 3
+    for backend in ("vllm", "transformers"):
+        sampling = {"temperature": 1.0, "max_new_tokens": 8, "backend": backend}
+        try:
+            responses = evaluate.generate(tmp_path / "ends", prompts, sampling)
+        finally:
+            evaluate.close_engine()
+        assert all(len(r) > 0 for r in responses), (backend, responses)
