@@ -19,6 +19,8 @@ import time
 import numpy as np
 import psutil  # Ray's dependency: the interrupted run's process tree
 import pytest
+from conftest import launch_serve, stop_serve, wait_serve
+from openai import OpenAI
 
 from openrlhf_bonesoup import evaluate, recipe_demo, soup
 from openrlhf_bonesoup.cli import build_parser, main
@@ -85,6 +87,27 @@ def test_every_file_it_writes(demo):
     assert lines[-1].strip() == f"openrlhf-bonesoup serve --soup_dir {out / 'bone_soup'}"
     build_parser().parse_args(lines[-1].split()[1:])  # a command serve takes (a bad flag raises)
     assert len(lines) <= 14, demo["stdout"]
+
+
+def test_the_serve_command_it_prints_answers_the_openai_client(demo):
+    """The printed command, as a user runs it (a free port added): the soup it trained, any preference."""
+    words = demo["stdout"].splitlines()[-1].split()
+    assert words[:2] == ["openrlhf-bonesoup", "serve"]
+    proc, url = launch_serve(words[2:])
+    try:
+        wait_serve(proc, url)
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for mu in ([0.3, 0.7], [1.0, 0.0]):
+            reply = client.completions.create(
+                model="bonesoup:" + ",".join(map(str, mu)),
+                prompt="Human: Tell me about tea. Assistant:",
+                max_tokens=8,
+                temperature=0,
+                extra_body={"min_tokens": 1},
+            )
+            assert reply.bonesoup["preference"] == mu and reply.choices[0].text
+    finally:
+        stop_serve(proc)
 
 
 def test_each_backbone_moved_its_reward_above_the_sft_policy(demo):
