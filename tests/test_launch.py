@@ -260,3 +260,6 @@ def test_a_resumed_launch_continues_the_running_statistics(recipe, tmp_path):
     assert bonus_count(4) == 16.0
     resumed = (tmp_path / "log").read_text()
     assert "Global step 4:" in resumed and "Global step 3:" not in resumed  # it resumed after step 3
+    # vLLM starts from the SFT model: the resumed policy reached it before its first rollouts
+    logs = scalars(tmp_path / "tb" / "run")
+    assert logs["train/kl"][4] > 10 * SYNC_GAP and abs(logs["train/vllm_kl"][4]) < SYNC_GAP, logs["train/vllm_kl"]
