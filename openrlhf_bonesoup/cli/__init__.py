@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the recipe on tiny LMs: OpenRLHF PPO on CPU, Bone Soup vs Rewarded Soup")
     p.add_argument("--output", required=True, help="folder for results.json, demo.png, the soups and logs")
-    p.add_argument("--steps", type=int, help="PPO steps per backbone (default 24: recipe_demo.STEPS)")
+    p.add_argument("--steps", type=int, help="PPO steps per backbone (default 24)")  # recipe_demo.STEPS
     p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
     p.add_argument("--analytic", action="store_true", help="the Theorem 1 check on quadratic rewards instead (4 s)")
     p.add_argument("--beta", type=float, default=0.7, help="--analytic: diagonal of B, in (1/2, 1] (default 0.7)")
