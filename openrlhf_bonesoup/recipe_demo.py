@@ -32,8 +32,8 @@ SOUPS = {"bone_soup": 0.7, "rewarded_soup": 1.0}
 GRID = 11
 # PPO steps, rollouts per step and the actor's learning rate. With 4 rollouts a step's advantages were too
 # noisy: in 12 steps the Bone Soup backbones' rewards did not rise (h_j = 0.7 r_j + 0.3 r_other contrasts
-# the objectives less than r_j alone). At 1e-2, Adam's steps wrecked policies whose rollouts all scored
-# alike: one ended its 12 steps at reward 1.0 and then answered every prompt with </s> (p = 0.997).
+# the objectives less than r_j alone). At 1e-2 one policy ended its 12 steps at reward 1.0, and its last
+# update left it answering every prompt with </s> (p = 0.997).
 # 24 steps of 16 at 3e-3 rose smoothly in the runs measured (docs/demo.md); ~85 s per launch, ~55 s of it start-up.
 STEPS, ROLLOUTS, LR = 24, 16, "3e-3"
 TOPICS = """bread rain music gardens rivers chess winter coffee trains islands maps robots poems stars
