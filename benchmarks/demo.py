@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from openrlhf_bonesoup.coefficients import backbone_matrix
+from openrlhf_bonesoup.recipe_demo import SOUPS, STEPS
+
 CLI = Path(sys.executable).with_name("openrlhf-bonesoup")
 
 
@@ -51,9 +54,8 @@ def recipe(tmp: Path, seeds: list[int], steps: int) -> None:
         print(f"  SFT policy {np.round(r['sft'], 4).tolist()}")
         for name, backbones in r["backbones"].items():
             own = [round(h[j], 4) for j, h in enumerate(backbones)]
-            beta = 0.7 if name == "bone_soup" else 1.0  # recipe_demo.SOUPS; row j of B weighs objective j by beta
-            gain = [round(float(np.dot([beta, 1 - beta][:: 1 - 2 * j], np.subtract(h, r["sft"]))), 3)
-                    for j, h in enumerate(backbones)]  # fmt: skip
+            matrix = backbone_matrix(SOUPS[name], 2)  # backbone j was trained on h_j = B_j . r
+            gain = [round(float(matrix[j] @ np.subtract(h, r["sft"])), 3) for j, h in enumerate(backbones)]
             print(f"  {name}: backbone j's objective j {own}, h_j gain over SFT {gain}, "
                   f"moved {r['moved'][name]}, specialised {r['specialised'][name]}, "
                   f"hypervolume {r['hypervolume'][name]:.3g}", flush=True)  # fmt: skip
@@ -66,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--analytic", action="store_true")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--steps", type=int, default=24)  # recipe_demo.STEPS
+    parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.analytic:

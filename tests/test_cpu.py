@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -173,7 +174,8 @@ def test_options_that_need_cuda_are_refused_with_cpu(option, tiny, tmp_path):
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", f"--{option}"]
     launcher.resolve(argv)  # accepted without --cpu
-    with pytest.raises(BoneSoupError, match=f"^--{option} cannot run with --cpu: {launcher.CPU_REFUSED[option]}$"):
+    refusal = f"--{option} cannot run with --cpu: {launcher.CPU_REFUSED[option]}"
+    with pytest.raises(BoneSoupError, match=f"^{re.escape(refusal)}$"):
         launcher.resolve([*argv, "--cpu"])
 
 

@@ -45,6 +45,7 @@ CUDA = torch.cuda.is_available()
 NAMES = ["helpful", "polite", "bonus"]
 ROW0 = [0.7, 0.15, 0.15]  # row 0 of B(0.7) for n = 3
 SYNC_GAP = 1e-3
+OURS = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]  # the plugin's launcher
 # One GPU: OpenRLHF's hybrid engine (every group and vLLM on it, sleep modes), as on a small GPU box.
 GPU_ARGS = ["--train.colocate_all", "--vllm.gpu_memory_utilization", "0.3", "--vllm.enable_sleep"]
 GPU_ARGS += ["--ds.enable_sleep", "--ds.attn_implementation", "sdpa"]
@@ -97,9 +98,8 @@ def recipe(models, tmp_path_factory) -> dict:
     specs[NAMES.index("bonus")]["normalize"] = "running"
     models = {**models, "objectives": root / "objectives.json"}
     models["objectives"].write_text(json.dumps(specs))
-    ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
     ckpt = ["--ckpt.path", str(root / "ckpt"), "--ckpt.save_steps", "1"]
-    launch([*ours, *argv(models, root, 0, root / "tb0", steps=3), *ckpt], root / "backbone0.log")
+    launch([*OURS, *argv(models, root, 0, root / "tb0", steps=3), *ckpt], root / "backbone0.log")
 
     # Backbone 1 through OpenRLHF's own launcher, patched: a copy of the installed package first on the path.
     patched = root / "patched"
@@ -110,7 +110,7 @@ def recipe(models, tmp_path_factory) -> dict:
     launch([*upstream, *argv(models, root, 1, root / "tb1", steps=2)], root / "backbone1.log", {"PYTHONPATH": path})
     # The last backbone's launch completes the soup: its post-training hook merges two preferences.
     merging = ["--merge_preferences", "1,0,0;0,0,1"]
-    launch([*ours, *argv(models, root, 2, root / "tb2", steps=2), *merging], root / "backbone2.log")
+    launch([*OURS, *argv(models, root, 2, root / "tb2", steps=2), *merging], root / "backbone2.log")
     return {"root": root, "models": models}
 
 
@@ -149,8 +149,7 @@ def test_the_weights_reach_vllm_after_each_step(recipe):
 def test_with_the_sync_dropped_vllm_falls_behind(recipe, tmp_path):
     """The check above can fail: the same launch, vLLM receiving the weights but keeping its own."""
     models = recipe["models"]
-    ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
-    launch([*ours, *argv(models, tmp_path, 0, tmp_path / "tb", steps=2)], tmp_path / "log", {cpu.DROP_SYNC_ENV: "1"})
+    launch([*OURS, *argv(models, tmp_path, 0, tmp_path / "tb", steps=2)], tmp_path / "log", {cpu.DROP_SYNC_ENV: "1"})
     logs = scalars(tmp_path / "tb" / "run")
     assert abs(logs["train/vllm_kl"][2]) > 10 * SYNC_GAP, logs["train/vllm_kl"]
 
@@ -221,10 +220,9 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
     args = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=2)
     args[args.index("--ds.zero_stage") + 1] = "3"
     args += ["--ds.lora.rank", "8", "--ds.lora.alpha", "16"]
-    ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
-    plan = json.loads(subprocess.run([*ours, *args, "--dry_run"], capture_output=True, text=True, timeout=300).stdout)
+    plan = json.loads(subprocess.run([*OURS, *args, "--dry_run"], capture_output=True, text=True, timeout=300).stdout)
     assert plan["bonesoup"]["route"] == "reward_func"
-    launch([*ours, *args], tmp_path / "log")
+    launch([*OURS, *args], tmp_path / "log")
 
     backbone = tmp_path / "backbone0"
     assert soup.read_soup(tmp_path / "soup")["backbones"][0]["status"] == "trained"
@@ -246,9 +244,8 @@ def test_a_resumed_launch_continues_the_running_statistics(recipe, tmp_path):
     saved with the step it resumes (OpenRLHF's checkpoint client_states), not from empty ones. It resumes
     backbone 0's launch (3 steps, a checkpoint each) for a fourth step."""
     ckpt = recipe["root"] / "ckpt"
-    ours = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
     again = argv(recipe["models"], tmp_path, 0, tmp_path / "tb", steps=4)
-    launch([*ours, *again, "--ckpt.path", str(ckpt), "--ckpt.save_steps", "1", "--ckpt.load_enable"], tmp_path / "log")
+    launch([*OURS, *again, "--ckpt.path", str(ckpt), "--ckpt.save_steps", "1", "--ckpt.load_enable"], tmp_path / "log")
 
     def bonus_count(step: int) -> float:
         path = ckpt / "_actor" / f"global_step{step}" / "mp_rank_00_model_states.pt"

@@ -32,6 +32,11 @@ import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the hook itself imports nothing heavy
+    import torch
+    from peft import PeftModel
 
 CONFIG_ENV = "OPENRLHF_BONESOUP_CONFIG"  # JSON set by the launcher in the Ray runtime_env
 HOOK = "openrlhf_bonesoup.integration.worker.setup"
@@ -227,7 +232,7 @@ def _patch_lora_sync(module: ModuleType) -> None:
     cls.broadcast_to_vllm = broadcast_to_vllm
 
 
-def vllm_weights(model, zero3: bool) -> list:
+def vllm_weights(model: PeftModel, zero3: bool) -> list[tuple[str, torch.Tensor]]:
     """A PEFT LoRA model's weights as vLLM loads them: [(HF name, tensor)], adapters merged, none of LoRA's own.
 
     Each adapted layer's weight is W + s B A in fp32, rounded once to W's dtype (one copy per adapted
