@@ -34,6 +34,8 @@ from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
 from openrlhf.utils import get_strategy
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from openrlhf_bonesoup.integration import cpu
+
 PROMPTS = [
     ("Human: How do I bake bread? Assistant:", "bonus"),
     ("Human: Tell me a joke. Assistant:", None),
@@ -112,6 +114,8 @@ def engine_actor(policy_path, remote_rm_url=None, env: dict | None = None):
     parallel 1, no hybrid engine), with a runtime_env of its own when `env` is given."""
     from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
 
+    if not torch.cuda.is_available():  # vLLM's model in its engine core's process, as in a --cpu launch
+        env = {**(env or {}), cpu.VLLM_MP_ENV: "0"}
     options = {"num_cpus": 0, "num_gpus": 1, **({"runtime_env": {"env_vars": env}} if env else {})}
     return RolloutRayActor.options(**options).remote(
         model=str(policy_path), enforce_eager=True, tensor_parallel_size=1, seed=42, max_model_len=128,

@@ -26,6 +26,7 @@ ENV = "OPENRLHF_BONESOUP_CPU"
 # Tests only (tests/test_launch.py): vLLM receives the weights but keeps its own, to show that the launch
 # test's sync check can fail.
 DROP_SYNC_ENV = "OPENRLHF_BONESOUP_CPU_DROP_SYNC"
+VLLM_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # set to 0 for a --cpu launch's workers (launcher.runtime_env)
 
 
 def active() -> bool:
