@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -78,29 +77,59 @@ assert ppo_actor.stateless_init_process_group is distributed_util.stateless_init
 }
 
 
-def run_site(code: str, names: list[str]) -> subprocess.CompletedProcess:
-    port = 29500 + os.getpid() % 1000 + len(names)
-    script = f"""
-import torch
-from openrlhf_bonesoup.integration import cpu
-cpu.apply({names!r})
-PORT = {port}
-""" + textwrap.dedent(code)
+# One interpreter imports torch and DeepSpeed (~6 s on 2 cores) and forks a process per run: each run
+# applies its replacements, then imports OpenRLHF's modules itself, as a Ray worker of a --cpu launch does
+# after the worker hook. Fresh interpreters per run cost a minute of CI for the same imports.
+FORKS = """
+import json, os, sys, traceback
+import torch, deepspeed  # noqa: F401  (not OpenRLHF: each run imports it after its replacements)
+runs, results = json.load(open(sys.argv[1])), {}
+for i, (key, (names, code)) in enumerate(runs.items()):
+    log = f"{sys.argv[1]}.{i}.log"
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        try:
+            from openrlhf_bonesoup.integration import cpu
+            cpu.apply(names)
+            exec(code, {"torch": torch, "PORT": 29500 + os.getppid() % 1000 + 2 * i})
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    results[key] = [os.waitstatus_to_exitcode(status), open(log).read()[-3000:]]
+json.dump(results, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> dict[str, list]:
+    """{run: [exit code, output]}: every site with every replacement ("all"), each site without its own."""
+    runs = {"all": [list(cpu.REPLACEMENTS), SETUP + "\n".join(s.replace(SETUP, "") for s in SITES.values())]}
+    runs |= {name: [[n for n in cpu.REPLACEMENTS if n != name], code] for name, code in SITES.items()}
+    path = tmp_path_factory.mktemp("sites") / "runs.json"
+    path.write_text(json.dumps(runs))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", cpu.ENV: "1"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_every_site_runs_with_every_replacement():
-    code = SETUP + "\n".join(f"# --- {name}\n{snippet.replace(SETUP, '')}" for name, snippet in SITES.items())
-    done = run_site(code, list(cpu.REPLACEMENTS))
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS, str(path)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def test_every_site_runs_with_every_replacement(sites):
+    code, output = sites["all"]
+    assert code == 0, output
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
-def test_each_site_fails_without_its_replacement(name):
-    others = [n for n in cpu.REPLACEMENTS if n != name]
-    done = run_site(SITES[name], others)
-    assert done.returncode != 0, f"{name}: the upstream site ran without its replacement"
+def test_each_site_fails_without_its_replacement(sites, name):
+    code, output = sites[name]
+    assert code != 0, f"{name}: the upstream site ran without its replacement"
+    assert "Traceback" in output  # it failed in the site's code, not before it ran
 
 
 def test_every_replacement_has_a_site_test():
@@ -148,6 +177,7 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     argv += ["--ckpt.output_dir", str(tmp_path / "ckpt"), "--logger.wandb.run_name", "run"]
     plain, args = launcher.resolve(argv)
     assert cpu.ENV not in plain["runtime_env"]["env_vars"] and plain["cpu"] is None
+    assert cpu.VLLM_MP_ENV not in plain["runtime_env"]["env_vars"]  # vLLM's own process layout on a GPU
     assert args.vllm.sync_backend == "nccl" and args.ds.attn_implementation == "flash_attention_2"
 
     done = subprocess.run(
@@ -159,6 +189,7 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads(done.stdout)
     assert plan["runtime_env"]["env_vars"][cpu.ENV] == "1"
+    assert plan["runtime_env"]["env_vars"][cpu.VLLM_MP_ENV] == "0"  # the model in the engine core's process
     assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
     assert plan["cpu"] == {
         **{f"{group}.num_gpus_per_node": [8, 1] for group in ("actor", "ref", "critic", "reward")},
