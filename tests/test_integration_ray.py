@@ -23,10 +23,8 @@ log-probs the trainer computes; the whole PPO loop is tests/test_launch.py.
 
 from __future__ import annotations
 
-import copy
 import http.server
 import json
-import os
 import runpy
 import sys
 import threading
@@ -37,7 +35,7 @@ import ray
 import rollouts
 import torch
 from openrlhf.trainer.ppo_utils.experience import Experience
-from openrlhf.trainer.ray.launcher import BaseModelActor, RayActorGroup
+from openrlhf.trainer.ray.launcher import RayActorGroup
 from openrlhf.utils import get_strategy
 from rollouts import RULES, by_hand, format_reward, logged, queries_of
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -311,102 +309,3 @@ def test_duplicate_ranks_call_endpoints_and_functions_once_per_micro_batch(clust
         server.shutdown()
         for actor in rewards._actor_handlers:  # their gloo group ends with them
             ray.kill(actor)
-
-
-# --- resume: the running statistics travel in OpenRLHF's checkpoint --------------------------------
-
-
-@ray.remote(num_gpus=0)
-class CheckpointingPolicyActor(BaseModelActor):
-    """The policy actor's checkpoint role on CPU, as PolicyModelActor (trainer/ray/ppo_actor.py) plays it:
-    its DeepSpeed engine loaded from `--ckpt.path` on `--ckpt.load_enable`, `save_checkpoint` through
-    DeepspeedStrategy.save_ckpt with the trainer's client states, `get_checkpoint_states`; log-probs as
-    tests/rollouts.py's CpuPolicyActor. Real DeepSpeed (its CPU accelerator) on a gloo group of one."""
-
-    def init(self, strategy, path):
-        import deepspeed
-        from openrlhf.models import Actor
-
-        from openrlhf_bonesoup.integration import cpu
-
-        cpu.apply(["flash_attn.ops.triton.cross_entropy", "torch.cuda.synchronize"])  # save_ckpt syncs CUDA
-        self.strategy = strategy
-        self.model = Actor(path, attn_implementation="eager", param_dtype="bf16")
-        self.model.eval()
-        deepspeed.init_distributed("gloo")  # DeepspeedStrategy.setup_distributed needs CUDA
-        optimizer = torch.optim.AdamW(self.model.model.parameters())
-        config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
-        self.engine, *_ = deepspeed.initialize(model=self.model.model, optimizer=optimizer, config=config)
-        self.checkpoint_states = {}
-        ckpt_path = os.path.join(strategy.args.ckpt.path, "_actor")
-        if strategy.args.ckpt.load_enable and os.path.exists(ckpt_path):
-            _, self.checkpoint_states = strategy.load_ckpt(self.engine, ckpt_path)
-
-    def get_checkpoint_states(self):
-        return self.checkpoint_states
-
-    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
-        args = self.strategy.args
-        path = os.path.join(args.ckpt.path, "_actor")
-        self.strategy.save_ckpt(
-            self.engine, path, tag, args.ckpt.max_num, args.ckpt.max_mem, client_states or {},
-            metric_value=metric_value, metric_key=metric_key,
-        )  # fmt: skip
-
-    def forward(self, sequences, action_mask=None, attention_mask=None, **kwargs):
-        with torch.no_grad():
-            return self.model(sequences, action_mask, attention_mask).to("cpu")
-
-
-@ray.remote
-def checkpointed_runs(strategy, steps, rewards, policy_path) -> dict:
-    """The PPO trainer's role (upstream's BasePPOTrainer, in a hooked worker): step 1, OpenRLHF's checkpoint,
-    step 2; then a new trainer resumed from that checkpoint, and one that starts afresh, each on step 2."""
-    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-
-    def trainer(resume: bool):
-        strategy.args.ckpt.load_enable = resume
-        policy = RayActorGroup(1, 1, CheckpointingPolicyActor, num_gpus_per_actor=0)
-        ray.get(policy.async_run_method("init", strategy, policy_path))
-        made = BasePPOTrainer(strategy, policy, None, rewards, None, None, tokenizer)
-        made.init_checkpoint_states()  # the first thing PPOTrainer.fit does
-        return made
-
-    def step(made, samples, last=True) -> np.ndarray:  # rewards as combined, and the raw values
-        experiences = made.experience_maker.make_experience_batch(copy.deepcopy(samples))
-        names = [o["name"] for o in strategy.args.bonesoup["objectives"]]
-        raw = np.stack([logged(experiences, f"reward_raw/{n}") for n in names], axis=1)
-        if last:  # its policy actor ends, as its run would
-            ray.kill(made.actor_model_group._actor_handlers[0])
-        return logged(experiences, "reward"), raw
-
-    uninterrupted = trainer(resume=False)
-    _, raw1 = step(uninterrupted, steps[0], last=False)
-    states = {"episode": 0, "global_step": 1, "total_consumed_prompts": 4, "data_loader_state_dict": {}}
-    uninterrupted.save_logs_and_checkpoints(1, {}, states)
-    second, raw2 = step(uninterrupted, steps[1])
-    resumed, _ = step(trainer(resume=True), steps[1])
-    afresh, _ = step(trainer(resume=False), steps[1])
-    return {"raw": [raw1, raw2], "second": second, "resumed": resumed, "afresh": afresh}
-
-
-def test_a_resumed_run_normalises_with_the_statistics_of_the_run_it_resumes(cluster, tiny, actor_steps, tmp_path):
-    args = copy.deepcopy(cluster["mixed"])  # `running` on polite and format
-    args.ckpt.path, args.ckpt.save_steps = str(tmp_path / "ckpt"), 1
-    strategy = get_strategy(args)
-    rewards = RayActorGroup(2, 1, bonesoup_actor.RewardModelActor, num_gpus_per_actor=0)
-    ray.get(rewards.async_run_method("load_objectives", strategy, args.reward.model_name_or_path))
-    steps, _ = actor_steps
-    runs = ray.get(checkpointed_runs.remote(strategy, steps, rewards, str(tiny["policy"])))
-    assert (tmp_path / "ckpt" / "_actor" / "global_step1").is_dir()  # OpenRLHF's own checkpoint folder
-
-    how = [o["normalize"] for o in args.bonesoup["objectives"]]
-    _, want = by_hand(runs["raw"], how, WEIGHTS)  # step 2 normalised with steps 1 and 2's statistics
-    np.testing.assert_allclose(runs["second"], want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(runs["resumed"], want, rtol=1e-6, atol=1e-6)
-    # statistics that started again would normalise step 2 with its own values only
-    (alone,) = by_hand(runs["raw"][1:], how, WEIGHTS)
-    np.testing.assert_allclose(runs["afresh"], alone, rtol=1e-6, atol=1e-6)
-    assert np.abs(alone - want).max() > 1e-3

@@ -15,15 +15,18 @@ classifier on its own tokenizer, and a reward_func file reading the dataset's la
   `train/reward/<name>` whose combination with row 0 of B(0.7) is `train/reward`, and OpenRLHF's own
   rollout-vs-trainer check `train/vllm_kl` (vLLM's log-probs of its rollouts minus the actor's, with
   `--algo.advantage.is_correction_level token`) stays below 1e-3 after the policy moved: the weights
-  really reached vLLM. The same launch with the sync dropped inside vLLM shows the gap.
+  really reached vLLM.
 - backbone 1 through OpenRLHF's own `python -m openrlhf.cli.train_ppo_ray` with patches/ applied.
 - then `merge` at three preferences and `evaluate` through its vLLM branch.
+- backbone 0 resumed from its checkpoints continues the running statistics; on CPU it runs with the sync
+  dropped inside vLLM, and the check above shows the gap.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,15 +146,10 @@ def test_the_weights_reach_vllm_after_each_step(recipe):
     assert logs["train/kl"][3] > 1e-3, "the actor did not move away from the reference"
     for step in (2, 3):
         assert abs(logs["train/vllm_kl"][step]) < SYNC_GAP, logs["train/vllm_kl"]
-
-
-@pytest.mark.skipif(CUDA, reason="the sync is dropped inside the --cpu replacement of WorkerWrap.update_weight")
-def test_with_the_sync_dropped_vllm_falls_behind(recipe, tmp_path):
-    """The check above can fail: the same launch, vLLM receiving the weights but keeping its own."""
-    models = recipe["models"]
-    launch([*OURS, *argv(models, tmp_path, 0, tmp_path / "tb", steps=2)], tmp_path / "log", {cpu.DROP_SYNC_ENV: "1"})
-    logs = scalars(tmp_path / "tb" / "run")
-    assert abs(logs["train/vllm_kl"][2]) > 10 * SYNC_GAP, logs["train/vllm_kl"]
+    # The model the weights reach ran in vLLM's engine core process, as on a GPU at tensor parallel size 1
+    # (with --cpu, launcher.runtime_env keeps vLLM's CPU build from moving it to a worker process of its own).
+    log = (recipe["root"] / "backbone0.log").read_text()
+    assert re.search(r"\(EngineCore pid=\d+\).*Starting to load model", log), "the model ran outside the engine core"
 
 
 def test_backbone1_through_openrlhf_patched_and_backbone2_complete_the_soup(recipe):
@@ -239,24 +237,43 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
     assert abs(logs["train/vllm_kl"][2]) < SYNC_GAP, logs["train/vllm_kl"]
 
 
-def test_a_resumed_launch_continues_the_running_statistics(recipe, tmp_path):
-    """--ckpt.load_enable: the resumed launch's trainer starts from the running normalisation statistics
-    saved with the step it resumes (OpenRLHF's checkpoint client_states), not from empty ones. It resumes
-    backbone 0's launch (3 steps, a checkpoint each) for a fourth step."""
-    ckpt = recipe["root"] / "ckpt"
-    again = argv(recipe["models"], tmp_path, 0, tmp_path / "tb", steps=4)
-    launch([*OURS, *again, "--ckpt.path", str(ckpt), "--ckpt.save_steps", "1", "--ckpt.load_enable"], tmp_path / "log")
+@pytest.fixture(scope="module")
+def resumed(recipe, tmp_path_factory) -> Path:
+    """Backbone 0's launch resumed (--ckpt.load_enable, from its step-3 checkpoint) for a fourth step. On CPU
+    vLLM receives the weights but keeps its own (cpu.DROP_SYNC_ENV): the sync check's negative control,
+    in a launch whose policy starts 3 steps away from the SFT model vLLM holds."""
+    root = tmp_path_factory.mktemp("resumed")
+    again = argv(recipe["models"], root, 0, root / "tb", steps=4)
+    ckpt = ["--ckpt.path", str(recipe["root"] / "ckpt"), "--ckpt.save_steps", "1", "--ckpt.load_enable"]
+    launch([*OURS, *again, *ckpt], root / "log", None if CUDA else {cpu.DROP_SYNC_ENV: "1"})
+    return root
 
-    def bonus_count(step: int) -> float:
+
+def test_a_resumed_launch_continues_the_running_statistics(recipe, resumed):
+    """The resumed launch's trainer starts from the running normalisation statistics saved with the step it
+    resumes (OpenRLHF's checkpoint client_states), not from empty ones."""
+    ckpt = recipe["root"] / "ckpt"
+
+    def bonus(step: int, key: str) -> float:
         path = ckpt / "_actor" / f"global_step{step}" / "mp_rank_00_model_states.pt"
-        return torch.load(path, map_location="cpu", weights_only=False)[STATE_KEY]["count"][NAMES.index("bonus")]
+        return torch.load(path, map_location="cpu", weights_only=False)[STATE_KEY][key][NAMES.index("bonus")]
 
     # 4 rollouts per step: the step-3 checkpoint counted 12; the resumed run's step 4 adds its own 4 to
-    # those (statistics that started empty would count 4).
-    assert bonus_count(3) == 12.0
-    assert bonus_count(4) == 16.0
-    resumed = (tmp_path / "log").read_text()
-    assert "Global step 4:" in resumed and "Global step 3:" not in resumed  # it resumed after step 3
-    # vLLM starts from the SFT model: the resumed policy reached it before its first rollouts
-    logs = scalars(tmp_path / "tb" / "run")
-    assert logs["train/kl"][4] > 10 * SYNC_GAP and abs(logs["train/vllm_kl"][4]) < SYNC_GAP, logs["train/vllm_kl"]
+    # those (statistics that started empty would count 4), and its mean is the 16 values' mean.
+    assert bonus(3, "count") == 12.0
+    assert bonus(4, "count") == 16.0
+    step4 = scalars(resumed / "tb" / "run")["train/reward_raw/bonus"][4]  # the mean of its 4 raw values
+    assert bonus(4, "mean") == pytest.approx((12 * bonus(3, "mean") + 4 * step4) / 16, rel=1e-4, abs=1e-6)
+    log = (resumed / "log").read_text()
+    assert "Global step 4:" in log and "Global step 3:" not in log  # it resumed after step 3
+
+
+@pytest.mark.skipif(CUDA, reason="the sync is dropped inside the --cpu replacement of WorkerWrap.update_weight")
+def test_with_the_sync_dropped_vllm_falls_behind(resumed):
+    """test_the_weights_reach_vllm_after_each_step's check can fail: the resumed policy never reached vLLM,
+    which still samples from the SFT model, the reference. Both are k1 estimates on vLLM's rollouts:
+    train/kl = mean(log pi - log pi_ref) and train/vllm_kl = mean(log pi_vllm - log pi) = -train/kl."""
+    logs = scalars(resumed / "tb" / "run")
+    assert abs(logs["train/kl"][4]) > 10 * SYNC_GAP, "the resumed policy is the SFT model"
+    assert abs(logs["train/vllm_kl"][4]) > 10 * SYNC_GAP, logs["train/vllm_kl"]
+    assert logs["train/vllm_kl"][4] == pytest.approx(-logs["train/kl"][4], abs=SYNC_GAP)  # vLLM holds pi_ref
