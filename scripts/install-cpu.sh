@@ -54,7 +54,7 @@ fi
 # letting pip resolve openrlhf's own pins would pull flash-attn's CUDA build and vllm.
 step "the plugin" "${PIP[@]}" --no-deps -e .
 step "the plugin's dependencies and test tools" "${PIP[@]}" "$TORCH" numpy numba scipy matplotlib moocore pyyaml \
-    pytest hypothesis ruff openai==3.54.0
+    pytest pytest-xdist hypothesis ruff openai==3.54.0
 # DeepSpeed JIT-compiles two C++ ops on first use under its CPU accelerator (1-4 min on 2 cores): its
 # shared-memory comm op, built by every `deepspeed.init_distributed`, and FusedAdam. Built here once, so
 # the first launch or test does not pay it under its timeout; a compile killed midway leaves a lock in

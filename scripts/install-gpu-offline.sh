@@ -19,7 +19,7 @@ UV_VERSION=0.13.9
 STACK=(openrlhf==0.11.2 deepspeed==0.19.6 "ray[default]==2.55.0" transformers==5.15.0 flash-attn==2.8.3
     accelerate datasets peft einops jsonlines loralib optree packaging tensorboard torchdata torchmetrics tqdm
     aiohttp "grpcio>=1.74.0" "huggingface-hub>=1.0.0" pylatexenc sympy "pynvml>=12.0.0" safetensors
-    pytest hypothesis fastapi uvicorn)
+    pytest pytest-xdist hypothesis fastapi uvicorn)
 VLLM=vllm==0.29.0   # openrlhf 0.11.2's [vllm] extra
 
 die() { echo "install-gpu-offline: $*" >&2; exit 1; }

@@ -49,7 +49,7 @@ def test_the_ray_tests_leave_a_cluster_the_user_runs_alone():
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
         test = TESTS / "test_merge.py::test_ray_tasks_when_ray_is_initialised"
         run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+            [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", str(test)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-3000:]
