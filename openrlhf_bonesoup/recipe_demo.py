@@ -34,7 +34,7 @@ GRID = 11
 # noisy: in 12 steps the Bone Soup backbones' rewards did not rise (h_j = 0.7 r_j + 0.3 r_other contrasts
 # the objectives less than r_j alone). At 1e-2 one policy ended its 12 steps at reward 1.0, and its last
 # update left it answering every prompt with </s> (p = 0.997).
-# 24 steps of 16 at 3e-3 rose smoothly in the runs measured (docs/demo.md); ~85 s per launch, ~55 s of it start-up.
+# 24 steps of 16 at 3e-3 rose smoothly in the runs measured (docs/demo.md); ~80 s per launch, most of it start-up.
 STEPS, ROLLOUTS, LR = 24, 16, "3e-3"
 TOPICS = """bread rain music gardens rivers chess winter coffee trains islands maps robots poems stars
 tea bikes clocks ships honey deserts kites lamps wolves mirrors""".split()

@@ -52,13 +52,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist: `pytest -o addopts=-ra tests`
+def pytest_xdist_auto_num_workers(config) -> int | None:
     """`-n auto` (pyproject.toml). Without CUDA two processes, one per core of the CI machine: one process
     keeps the cores busy 67% of the time (it waits on the subprocesses, Ray actors and vLLM engines its
     tests start), two 96% (measured 2026-12-05, docs/testing.md). On a GPU machine none: the launch, serve
-    and vLLM tests each take a share of the one GPU's memory and must not run at once."""
+    and vLLM tests each take a share of the one GPU's memory and must not run at once. xdist's own
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
     import torch
 
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     return 0 if torch.cuda.is_available() else 2
 
 

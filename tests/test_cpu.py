@@ -2,9 +2,10 @@
 is active without `--cpu`.
 
 Each site runs OpenRLHF's own code (DeepspeedStrategy.setup_distributed on a one-process gloo world, its
-replay buffer, its log-prob helper, its weight-sync group) in a fresh subprocess, as a Ray worker of a
-`--cpu` launch runs it: once with every replacement (it must work), once with that one left out (it must
-fail). The whole launch, with the weight sync into a real vLLM engine, is tests/test_launch.py.
+replay buffer, its log-prob helper, its weight-sync group) in a process of its own that imports OpenRLHF
+after the replacements, as a Ray worker of a `--cpu` launch runs it: once with every replacement (it must
+work), once with that one left out (it must fail, in the site's code). The whole launch, with the weight
+sync into a real vLLM engine, is tests/test_launch.py.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ assert ppo_actor.stateless_init_process_group is distributed_util.stateless_init
 # applies its replacements, then imports OpenRLHF's modules itself, as a Ray worker of a --cpu launch does
 # after the worker hook. Fresh interpreters per run cost a minute of CI for the same imports.
 FORKS = """
-import json, os, sys, traceback
+import json, os, signal, sys, traceback
 import torch, deepspeed  # noqa: F401  (not OpenRLHF: each run imports it after its replacements)
 runs, results = json.load(open(sys.argv[1])), {}
 for i, (key, (names, code)) in enumerate(runs.items()):
@@ -90,17 +91,18 @@ for i, (key, (names, code)) in enumerate(runs.items()):
     if pid == 0:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT)
         os.dup2(fd, 1), os.dup2(fd, 2)
+        signal.alarm(240)  # a run that hangs ends alone, not the whole fixture
         try:
             from openrlhf_bonesoup.integration import cpu
             cpu.apply(names)
-            exec(code, {"torch": torch, "PORT": 29500 + os.getppid() % 1000 + 2 * i})
+            exec(compile(code, "<site>", "exec"), {"torch": torch, "PORT": 29500 + os.getppid() % 1000 + 2 * i})
             os._exit(0)
         except BaseException:
             traceback.print_exc()
             sys.stderr.flush()
             os._exit(1)
     _, status = os.waitpid(pid, 0)
-    results[key] = [os.waitstatus_to_exitcode(status), open(log).read()[-3000:]]
+    results[key] = [os.waitstatus_to_exitcode(status), open(log).read()]
 json.dump(results, open(sys.argv[1], "w"))
 """
 
@@ -122,14 +124,14 @@ def sites(tmp_path_factory) -> dict[str, list]:
 
 def test_every_site_runs_with_every_replacement(sites):
     code, output = sites["all"]
-    assert code == 0, output
+    assert code == 0, output[-3000:]
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
 def test_each_site_fails_without_its_replacement(sites, name):
     code, output = sites[name]
     assert code != 0, f"{name}: the upstream site ran without its replacement"
-    assert "Traceback" in output  # it failed in the site's code, not before it ran
+    assert 'File "<site>"' in output, output[-3000:]  # it failed in the site's code, not before it ran
 
 
 def test_every_replacement_has_a_site_test():
@@ -162,6 +164,13 @@ assert vllm_worker_wrap.WorkerWrap.update_weight.__module__ == "openrlhf.trainer
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def test_a_vllm_multiprocessing_value_set_by_the_user_is_kept(monkeypatch):
+    monkeypatch.delenv(cpu.VLLM_MP_ENV, raising=False)
+    assert launcher.runtime_env({}, cpu_launch=True)["env_vars"][cpu.VLLM_MP_ENV] == "0"
+    monkeypatch.setenv(cpu.VLLM_MP_ENV, "1")
+    assert launcher.runtime_env({}, cpu_launch=True)["env_vars"][cpu.VLLM_MP_ENV] == "1"
+
+
 def reward_funcs(tmp_path) -> str:
     for name in ("a", "b"):
         (tmp_path / f"{name}.py").write_text("def reward_func(queries, prompts, labels):\n    return [0.0]\n")
@@ -180,10 +189,12 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     assert cpu.VLLM_MP_ENV not in plain["runtime_env"]["env_vars"]  # vLLM's own process layout on a GPU
     assert args.vllm.sync_backend == "nccl" and args.ds.attn_implementation == "flash_attention_2"
 
+    env = {k: v for k, v in os.environ.items() if k != cpu.VLLM_MP_ENV}  # a value set here would be kept
     done = subprocess.run(
         [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv, "--cpu", "--dry_run"],
         capture_output=True,
         text=True,
+        env=env,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -146,10 +146,13 @@ def test_the_weights_reach_vllm_after_each_step(recipe):
     assert logs["train/kl"][3] > 1e-3, "the actor did not move away from the reference"
     for step in (2, 3):
         assert abs(logs["train/vllm_kl"][step]) < SYNC_GAP, logs["train/vllm_kl"]
-    # The model the weights reach ran in vLLM's engine core process, as on a GPU at tensor parallel size 1
-    # (with --cpu, launcher.runtime_env keeps vLLM's CPU build from moving it to a worker process of its own).
+
+
+def test_vllm_runs_its_model_in_the_engine_core_process(recipe):
+    """As on a GPU at tensor parallel size 1 (OpenRLHF's "uni" executor); with --cpu, launcher.runtime_env
+    keeps vLLM's CPU build from moving the model into a worker process of its own."""
     log = (recipe["root"] / "backbone0.log").read_text()
-    assert re.search(r"\(EngineCore pid=\d+\).*Starting to load model", log), "the model ran outside the engine core"
+    assert re.search(r"\(EngineCore(_DP\d+)? pid=\d+\).*Starting to load model", log), "the model ran elsewhere"
 
 
 def test_backbone1_through_openrlhf_patched_and_backbone2_complete_the_soup(recipe):
@@ -262,18 +265,27 @@ def test_a_resumed_launch_continues_the_running_statistics(recipe, resumed):
     # those (statistics that started empty would count 4), and its mean is the 16 values' mean.
     assert bonus(3, "count") == 12.0
     assert bonus(4, "count") == 16.0
-    step4 = scalars(resumed / "tb" / "run")["train/reward_raw/bonus"][4]  # the mean of its 4 raw values
-    assert bonus(4, "mean") == pytest.approx((12 * bonus(3, "mean") + 4 * step4) / 16, rel=1e-4, abs=1e-6)
+    logs = scalars(resumed / "tb" / "run")
+    raw = logs["train/reward_raw/bonus"][4]  # the mean of step 4's 4 raw values
+    assert bonus(4, "mean") == pytest.approx((12 * bonus(3, "mean") + 4 * raw) / 16, rel=1e-4, abs=1e-6)
+    assert bonus(4, "m2") >= bonus(3, "m2")
+    # step 4's rewards were normalised with those 16 values' statistics (combiners.Combination)
+    std = (bonus(4, "m2") / 16) ** 0.5
+    assert logs["train/reward/bonus"][4] == pytest.approx((raw - bonus(4, "mean")) / std, rel=1e-3, abs=1e-4)
     log = (resumed / "log").read_text()
     assert "Global step 4:" in log and "Global step 3:" not in log  # it resumed after step 3
+    if CUDA:  # the sync kept: the resumed policy reached vLLM before its first rollouts
+        assert abs(logs["train/vllm_kl"][4]) < SYNC_GAP, logs["train/vllm_kl"]
 
 
 @pytest.mark.skipif(CUDA, reason="the sync is dropped inside the --cpu replacement of WorkerWrap.update_weight")
 def test_with_the_sync_dropped_vllm_falls_behind(resumed):
     """test_the_weights_reach_vllm_after_each_step's check can fail: the resumed policy never reached vLLM,
     which still samples from the SFT model, the reference. Both are k1 estimates on vLLM's rollouts:
-    train/kl = mean(log pi - log pi_ref) and train/vllm_kl = mean(log pi_vllm - log pi) = -train/kl."""
+    train/kl averages log pi - log pi_ref per sample, train/vllm_kl log pi_vllm - log pi per token, so with
+    pi_vllm = pi_ref one is about minus the other (measured in three runs: 0.8491 and -0.8489, 0.5982 and
+    -0.5979, -0.0130 and 0.0133: how far 3 steps move the policy varies from run to run)."""
     logs = scalars(resumed / "tb" / "run")
-    assert abs(logs["train/kl"][4]) > 10 * SYNC_GAP, "the resumed policy is the SFT model"
-    assert abs(logs["train/vllm_kl"][4]) > 10 * SYNC_GAP, logs["train/vllm_kl"]
-    assert logs["train/vllm_kl"][4] == pytest.approx(-logs["train/kl"][4], abs=SYNC_GAP)  # vLLM holds pi_ref
+    assert abs(logs["train/kl"][4]) > SYNC_GAP, "the resumed policy is the SFT model"
+    assert abs(logs["train/vllm_kl"][4]) > SYNC_GAP, logs["train/vllm_kl"]  # the check above would fail
+    assert logs["train/vllm_kl"][4] == pytest.approx(-logs["train/kl"][4], rel=0.25)  # vLLM holds pi_ref

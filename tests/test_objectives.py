@@ -379,8 +379,9 @@ def test_a_dead_endpoint_fails_within_its_deadline(where):
         if server is not None:
             server.close()
     assert "\n" not in str(e.value)
-    # Without the deadline: 11 attempts of up to 60 s each, plus backoff, for the silent server.
-    assert elapsed < 3.5, elapsed
+    # Without the deadline: 11 attempts of up to 60 s each, plus backoff, for the silent server. (Not tighter
+    # than 8 s: the other test process, a PPO launch maybe, can hold both cores for seconds.)
+    assert elapsed < 8, elapsed
     if where == "never answers":
         assert elapsed > 1.5  # it really waited for the endpoint, up to the deadline
 

@@ -272,7 +272,7 @@ def test_a_client_that_leaves_frees_the_engine(server):
         )
     start = time.monotonic()
     r = c.completions.create(**short)
-    assert time.monotonic() - start < own + 2.0
+    assert time.monotonic() - start < own + 5.0  # the abandoned request would hold it for tens of seconds
     assert r.model == name(PREFERENCES[2])
     # aborted, not merely overtaken (LoRA: one batch holds both): nothing left generating, where ~2000 tokens
     # would still take tens of seconds

@@ -477,9 +477,11 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     if cpu_launch:  # every Ray worker (and the vLLM processes they spawn) applies integration/cpu.py
         env_vars.update({cpu.ENV: "1", "DS_ACCELERATOR": "cpu"})
         # vLLM's CPU build moves the model into a process of its own unless this is 0 (platforms/cpu.py:
-        # 333-341 forces the "mp" executor): one more process importing vLLM and torch (~7 s of a launch).
+        # 333-341 forces the "mp" executor): one more process importing vLLM and torch (~8 s of a launch).
         # At 0 the rollout engine keeps its "uni" executor, the model in the engine core's process, which
-        # is a GPU launch's layout at tensor parallel size 1 (trainer/ray/vllm_engine.py:240).
+        # is a GPU launch's layout at tensor parallel size 1 (trainer/ray/vllm_engine.py:240). vLLM calls
+        # that unsupported on CPU (its OpenMP set-up); for a rehearsal's tiny model, test_launch's
+        # vLLM-vs-actor log-prob check (train/vllm_kl < 1e-3) shows the rollouts stay right.
         env_vars[cpu.VLLM_MP_ENV] = os.environ.get(cpu.VLLM_MP_ENV, "0")
     env = {"env_vars": env_vars, "worker_process_setup_hook": worker.HOOK}
     if JOB_CONFIG_ENV not in os.environ:
