@@ -255,23 +255,26 @@ def resumed(recipe, tmp_path_factory) -> Path:
 def test_a_resumed_launch_continues_the_running_statistics(recipe, resumed):
     """The resumed launch's trainer starts from the running normalisation statistics saved with the step it
     resumes (OpenRLHF's checkpoint client_states), not from empty ones."""
-    ckpt = recipe["root"] / "ckpt"
+    ckpt = recipe["root"] / "ckpt" / "_actor"
 
-    def bonus(step: int, key: str) -> float:
-        path = ckpt / "_actor" / f"global_step{step}" / "mp_rank_00_model_states.pt"
-        return torch.load(path, map_location="cpu", weights_only=False)[STATE_KEY][key][NAMES.index("bonus")]
+    def bonus_statistics(step: int) -> dict[str, float]:
+        path = ckpt / f"global_step{step}" / "mp_rank_00_model_states.pt"
+        state = torch.load(path, map_location="cpu", weights_only=False)[STATE_KEY]
+        return {key: state[key][NAMES.index("bonus")] for key in ("count", "mean", "m2")}
+
+    step3, step4 = bonus_statistics(3), bonus_statistics(4)
 
     # 4 rollouts per step: the step-3 checkpoint counted 12; the resumed run's step 4 adds its own 4 to
     # those (statistics that started empty would count 4), and its mean is the 16 values' mean.
-    assert bonus(3, "count") == 12.0
-    assert bonus(4, "count") == 16.0
+    assert step3["count"] == 12.0
+    assert step4["count"] == 16.0
     logs = scalars(resumed / "tb" / "run")
     raw = logs["train/reward_raw/bonus"][4]  # the mean of step 4's 4 raw values
-    assert bonus(4, "mean") == pytest.approx((12 * bonus(3, "mean") + 4 * raw) / 16, rel=1e-4, abs=1e-6)
-    assert bonus(4, "m2") >= bonus(3, "m2")
+    assert step4["mean"] == pytest.approx((12 * step3["mean"] + 4 * raw) / 16, rel=1e-4, abs=1e-6)
+    assert step4["m2"] >= step3["m2"]
     # step 4's rewards were normalised with those 16 values' statistics (combiners.Combination)
-    std = (bonus(4, "m2") / 16) ** 0.5
-    assert logs["train/reward/bonus"][4] == pytest.approx((raw - bonus(4, "mean")) / std, rel=1e-3, abs=1e-4)
+    std = (step4["m2"] / 16) ** 0.5
+    assert logs["train/reward/bonus"][4] == pytest.approx((raw - step4["mean"]) / std, rel=1e-3, abs=1e-4)
     log = (resumed / "log").read_text()
     assert "Global step 4:" in log and "Global step 3:" not in log  # it resumed after step 3
     if CUDA:  # the sync kept: the resumed policy reached vLLM before its first rollouts
