@@ -91,6 +91,30 @@ def test_update_false_leaves_statistics_and_starts_as_identity():
     assert combination.count[0] == 2
 
 
+def test_running_constant_score_gives_finite_zero_rewards():
+    """An objective whose score never varies has standard deviation 0: its normalised value is 0 (the
+    score equals the mean), not 0/0. A constant reward model (or a saturated check) must not give NaN."""
+    combination = combiners.Combination(specs("running", "none"), [0.5, 0.5])
+    for _ in range(2):  # two batches: the statistics have seen 3, then 6 equal scores
+        reward, values = combination(np.array([[3.0, 2.0], [3.0, 4.0], [3.0, 6.0]]))
+        assert np.isfinite(values).all() and np.isfinite(reward).all()
+        assert values[:, 0].tolist() == [0.0, 0.0, 0.0]
+        assert reward.tolist() == [1.0, 2.0, 3.0]  # 0.5 * 0 + 0.5 * (2, 4, 6)
+    reward, values = combination(np.array([[3.0, 0.0]]), update=False)
+    assert values.tolist() == [[0.0, 0.0]] and reward.tolist() == [0.0]
+
+
+def test_update_false_after_one_sample_keeps_std_1():
+    """One sample seen: its mean is that sample, but one value has no spread, so the standard deviation
+    stays at its start value 1 until a second sample arrives: (5 - 3) / 1 = 2 by hand."""
+    combination = combiners.Combination(specs("running"), [1.0])
+    reward, values = combination(np.array([[3.0]]))
+    assert reward.tolist() == [0.0] and combination.count[0] == 1  # 3 - mean 3
+    reward, _ = combination(np.array([[5.0], [1.0]]), update=False)
+    assert reward.tolist() == [2.0, -2.0]
+    assert combination.count[0] == 1
+
+
 def test_weights_must_match_the_objectives():
     with pytest.raises(BoneSoupError, match="3 combiner weights for 2 objectives") as e:
         combiners.Combination(specs("none", "none"), [0.2, 0.3, 0.5])

@@ -111,6 +111,23 @@ def test_kernel_is_the_reference_fma_chain_on_edge_values(dtype):
                 assert out[k].tobytes() == want, (dtype, n, k, len(ex))
 
 
+@pytest.mark.parametrize("m", [1, kernel.TILE - 1, kernel.TILE, kernel.TILE + 1, 3 * kernel.TILE + 1])
+def test_kernel_writes_every_element_up_to_the_last_tile(m):
+    """Lengths around the tile size, a last tile of one element included (m = 1, TILE + 1, 3 TILE + 1):
+    every element of every output is summed and written. The outputs start as NaN, so an element the
+    kernel skips shows as a byte that differs from the reference."""
+    gen = torch.Generator().manual_seed(m)
+    xs = [(torch.randn(m, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(3)]
+    weights = np.array([[0.3, 0.7, 0.0], [1.4, -0.4, 0.0], [0.5, 0.25, 0.25]], np.float32)
+    out = np.full((3, m), 0x7FC0, np.uint16)  # bf16 quiet NaN
+    assert kernel.weighted_sums(tuple(_storage(x) for x in xs), weights, out, np.empty((0, 0), np.float32)) == -1
+    for k in range(3):
+        acc = np.zeros(m, np.float32)
+        for x, w in zip(xs, weights[k], strict=True):
+            acc = merge_reference.fma32(x.float().numpy(), w, acc)
+        assert out[k].tobytes() == merge_reference.cast(acc, "BF16"), k
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernel_reports_the_first_output_that_is_not_finite(dtype):
     info = torch.finfo(dtype)

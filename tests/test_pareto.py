@@ -95,6 +95,23 @@ def test_win_interval_uses_the_scalarised_reward():
     assert evaluate.win_interval(GRID, ours, theirs) == [0.5, 1.0]
 
 
+def test_win_interval_ties_lost_to_round_off_still_win():
+    """Exact ties in decimal arithmetic that binary floats get wrong by one rounding still count as
+    wins (relative to the scores' size), and a real loss, even a small one, does not."""
+    prefs = np.array([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0]])
+    same = [1.0, 1.0]
+    # at mu = (0.1, 0.9): -0.1 + 0.45 = 0.35 = 0.08 + 0.27, but in floats 0.35 < 0.35000000000000003
+    ours, theirs = np.array([same, [-1.0, 0.5], same]), np.array([same, [0.8, 0.3], same])
+    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 1.0]
+    # scores near 5e7: 12709100 - 66966299.55 = 12870200 - 67127399.55 = -54257199.55, 7e-9 apart in floats
+    ours = np.array([same, [127091000.0, -74406999.5], same])
+    theirs = np.array([same, [128702000.0, -74585999.5], same])
+    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 1.0]
+    # 0.9 * 1e-6 below a tie: a loss, so the two single wins at mu_1 = 0 and 1; the first is kept
+    ours = np.array([same, [-1.0, 0.5 - 1e-6], same])
+    assert evaluate.win_interval(prefs, ours, np.array([same, [0.8, 0.3], same])) == [0.0, 0.0]
+
+
 def test_summarise_mean_sem_front():
     samples = [np.array([[1.0, 4.0], [3.0, 6.0]]), np.array([[0.0, 0.0], [0.0, 2.0]]), np.array([[5.0, 1.0]])]
     prefs = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
