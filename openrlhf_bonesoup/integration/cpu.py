@@ -22,6 +22,8 @@ import sys
 import types
 from collections.abc import Callable, Iterable
 
+from openrlhf_bonesoup.integration.imports import on_import
+
 ENV = "OPENRLHF_BONESOUP_CPU"
 # Tests only (tests/test_launch.py): vLLM receives the weights but keeps its own, to show that the launch
 # test's sync check can fail.
@@ -151,7 +153,7 @@ def _triton_cross_entropy() -> None:
 
 
 # name -> (what it applies to, installer). Process-wide installers take no argument; the others run
-# when OpenRLHF imports their module (worker._on_import), or at once if it already has.
+# when OpenRLHF imports their module (imports.on_import), or at once if it already has.
 REPLACEMENTS: dict[str, tuple[str | None, Callable]] = {
     "torch.cuda.current_device": (None, _current_device),
     "torch.cuda.set_device": (None, _set_device),
@@ -168,15 +170,13 @@ VLLM_REPLACEMENTS = ("distributed_util.stateless_init_process_group", "vllm_work
 
 def apply(names: Iterable[str] = tuple(REPLACEMENTS)) -> None:
     """Install the named replacements in this process (all by default). Idempotent per module."""
-    from openrlhf_bonesoup.integration.worker import _on_import
-
     provide_flash_attn_2_cuda()
     for name in names:
         module, install = REPLACEMENTS[name]
         if module is None:
             install()
         else:
-            _on_import(module, install)
+            on_import(module, install)
 
 
 def vllm_plugin() -> None:

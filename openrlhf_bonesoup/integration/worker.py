@@ -3,7 +3,7 @@
 Ray runs `setup()` in every worker process of the job, on every node, before any actor code. It
 imports nothing heavy: OpenRLHF keeps deepspeed out of its vLLM processes on purpose
 (openrlhf/trainer/ray/__init__.py), so each patch is applied only when OpenRLHF itself imports the
-module it patches (a one-shot import finder), in exactly the processes that use it:
+module it patches (a one-shot import finder, imports.py), in exactly the processes that use it:
 
 - `RemoteExperienceMaker.make_experience` (the PPO trainer process): the one place where the reward
   is combined. Reward-actor route: the reward group's forward also gets each micro-batch's prompts
@@ -25,14 +25,12 @@ module it patches (a one-shot import finder), in exactly the processes that use 
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import json
 import os
-import sys
-from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
+
+from openrlhf_bonesoup.integration.imports import on_import
 
 if TYPE_CHECKING:  # imported where used: the hook itself imports nothing heavy
     import torch
@@ -51,10 +49,10 @@ def setup() -> None:
 
     if cpu.active():  # a --cpu launch: the CUDA-site replacements, in every worker
         cpu.apply()
-    _on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
-    _on_import("openrlhf.trainer.ppo_trainer", _patch_trainer)
-    _on_import("openrlhf.utils.agent", _patch_agent)
-    _on_import("openrlhf.trainer.ray.ppo_actor", _patch_lora_sync)
+    on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
+    on_import("openrlhf.trainer.ppo_trainer", _patch_trainer)
+    on_import("openrlhf.utils.agent", _patch_agent)
+    on_import("openrlhf.trainer.ray.ppo_actor", _patch_lora_sync)
 
 
 def config() -> dict:
@@ -65,37 +63,6 @@ def config() -> dict:
             "which puts the objectives and combiner into the Ray runtime_env"
         )
     return json.loads(os.environ[CONFIG_ENV])
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    # Finds `name` with the finders after it (site-packages, editable installs...) and runs
-    # `patch(module)` right after the module's own code. It removes itself first: one module, one
-    # patch, no recursion.
-    def __init__(self, name: str, patch: Callable[[ModuleType], None]):
-        self.name, self.patch = name, patch
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return None
-        upstream_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            upstream_exec(module)
-            self.patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def _on_import(name: str, patch: Callable[[ModuleType], None]) -> None:
-    if name in sys.modules:
-        patch(sys.modules[name])
-    elif not any(isinstance(f, _PatchOnImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 def _patch_experience_maker(module: ModuleType) -> None:
