@@ -269,21 +269,19 @@ def _load_model(objective: Objective, policy_tokenizer: Any, model_kwargs: dict,
             path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
         )
     else:
-        try:
-            from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+        from openrlhf_bonesoup.integration.models import LoaderUnavailable, load_openrlhf_reward_model
 
-            provide_flash_attn_2_cuda()  # openrlhf.models imports flash_attn, whose CUDA part a CPU machine lacks
-            from openrlhf.models import get_llm_for_sequence_regression
-        except ImportError as e:
-            raise BoneSoupError(
-                f"objective {objective.name}: OpenRLHF's reward model loader cannot import here ({e}); "
-                "install openrlhf with its flash-attn, or use an HF *ForSequenceClassification checkpoint"
-            ) from None
         kwargs = {**model_kwargs, "attn_implementation": attn}
         # Packed rows (no attention mask) are right only with flash attention's variable-length kernels;
         # padded rows are right with any attention.
         kwargs["packing_samples"] = kwargs.get("packing_samples", False) and attn.startswith("flash")
-        model = get_llm_for_sequence_regression(path, "reward", **kwargs)
+        try:
+            model = load_openrlhf_reward_model(path, **kwargs)
+        except LoaderUnavailable as e:
+            raise BoneSoupError(
+                f"objective {objective.name}: OpenRLHF's reward model loader cannot import here ({e}); "
+                "install openrlhf with its flash-attn, or use an HF *ForSequenceClassification checkpoint"
+            ) from None
     tokenizer = AutoTokenizer.from_pretrained(objective.spec.get("tokenizer", path), trust_remote_code=trust)
     if tokenizer.pad_token is None:  # as openrlhf.utils.get_tokenizer does
         tokenizer.pad_token = tokenizer.eos_token

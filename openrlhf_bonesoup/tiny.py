@@ -85,14 +85,11 @@ def make_llama_lm(
 def make_openrlhf_rm(path: str | Path, lm_path: str | Path, seed: int = 0) -> None:
     """An OpenRLHF-format reward model: OpenRLHF's own loader turns a causal LM into base model +
     `score` head (init_value_head=True, as its RM training does), and we save what it built."""
-    from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
-
-    provide_flash_attn_2_cuda()  # openrlhf.models imports flash_attn
-    from openrlhf.models import get_llm_for_sequence_regression
+    from openrlhf_bonesoup.integration.models import load_openrlhf_reward_model
 
     torch.manual_seed(seed)
-    model = get_llm_for_sequence_regression(
-        str(lm_path), "reward", param_dtype="bf16", attn_implementation="eager", init_value_head=True
+    model = load_openrlhf_reward_model(
+        str(lm_path), param_dtype="bf16", attn_implementation="eager", init_value_head=True
     )
     model.save_pretrained(str(path))
     # OpenRLHF reads value_head_prefix from config.json when present.

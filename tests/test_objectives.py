@@ -9,6 +9,7 @@ formatted as OpenRLHF's RewardDataset formats training pairs (text + " " + eos, 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import numpy as np
@@ -217,6 +218,15 @@ def test_each_objective_loads_with_the_attention_its_model_supports(tiny):
     with torch.no_grad():
         want = [model(**tok(t, return_tensors="pt")).logits[0, 1].item() for t in TEXTS]
     np.testing.assert_allclose(scoring.score_texts(objs[:1], PROMPTS, RESPONSES)[:, 0], want, atol=1e-5)
+
+
+def test_an_openrlhf_rm_where_openrlhf_models_cannot_import_is_one_line(tiny, monkeypatch):
+    """OpenRLHF's loader (integration/models.py) not importable: one line that names the objective and
+    the way out, not a traceback from inside OpenRLHF."""
+    monkeypatch.setitem(sys.modules, "openrlhf.models", None)  # `import` raises ImportError for a None entry
+    with pytest.raises(BoneSoupError, match="objective rm: OpenRLHF's reward model loader cannot import here") as e:
+        objectives.load_objectives([{"name": "rm", "path": str(tiny["rm_llama"])}])
+    assert "HF *ForSequenceClassification" in one_line(e)
 
 
 def test_a_launch_wide_attention_is_refused_and_the_spec_key_checked(tiny):
