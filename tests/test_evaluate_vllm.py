@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from openrlhf_bonesoup import evaluate, objectives, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
@@ -118,10 +118,14 @@ def test_sampled_responses_are_drawn_independently_per_prompt_and_reproducibly(t
     """The same prompt six times, sampled at temperature 1 from a random policy (a flat distribution):
     one seed per prompt gives six different draws (one seed for all gave six copies of one sample, so a
     mean over prompts was one sample's score), and the same six again on a second call."""
-    sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "backend": "vllm"}
+    # vLLM engine flags as evaluate's `-- FLAGS` passes them (a 70B soup's --tensor-parallel-size 8 on a GPU)
+    flags = ["--max-num-seqs", "3", "--max-model-len", "192"]
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "backend": "vllm", "vllm_flags": flags}
     try:
         first = evaluate.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6, sampling)
         again = evaluate.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6, sampling)
+        config = evaluate._ENGINE["llm"].llm_engine.vllm_config
+        assert (config.scheduler_config.max_num_seqs, config.model_config.max_model_len) == (3, 192)
     finally:
         evaluate.close_engine()
     assert len(set(first)) == 6, first
@@ -132,12 +136,25 @@ def test_every_response_has_a_token_as_in_openrlhfs_rollouts(tiny_gpu, tmp_path)
     """OpenRLHF samples rollouts with at least one token (min_tokens 1), so training never teaches a policy
     against ending at once; evaluate samples the same way in both branches. The policy here ends at once
     with p ~ 1 (every hidden state has a large constant component that only </s>'s lm_head row reads): one
-    token, then </s>, instead of an empty answer."""
+    token, then </s>, instead of an empty answer.
+
+    The forced token is drawn among printable ones (the same component pushes every other token down): a
+    byte-level token such as 'ĸ' (byte 0x96, a lone UTF-8 continuation byte) is a real token that decodes to
+    no text, which vLLM 0.29 drew with seed 44 (`['\x14', ' the', '']`: token ids [247, </s>]), as it did a
+    token ending in an incomplete UTF-8 sequence, which vLLM's detokenizer holds back."""
     model = LlamaForCausalLM.from_pretrained(str(tiny_gpu["policy"]), dtype=torch.float32)
     eos = model.config.eos_token_id
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gpu["policy"]))
+
+    def printable(i: int) -> bool:  # not special (responses are decoded without them), no partial UTF-8 ('\ufffd')
+        text = tokenizer.decode([i])
+        return i not in tokenizer.all_special_ids and text.isprintable() and text.strip() and "\ufffd" not in text
+
+    unprintable = [i for i in range(len(tokenizer)) if not printable(i)]
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 100.0
         model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[unprintable, 0] = -10.0
         model.lm_head.weight[eos, 0] = 10.0
     model.save_pretrained(str(tmp_path / "ends"))
     tiny_models.make_tokenizer(tmp_path / "ends", "llama")
