@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup import files, soup
+from openrlhf_bonesoup import files, soup, vllm_api
 from openrlhf_bonesoup.coefficients import (
     REFERENCE_ALPHAS,
     BoneSoupError,
@@ -51,6 +51,7 @@ SAMPLING = {
     "batch_size": 8,
     "gpu_memory_utilization": 0.6,
     "backend": "auto",  # vllm when installed (its CUDA or CPU build), else transformers
+    "vllm_flags": [],  # vLLM engine flags as `vllm serve` takes them (--tensor-parallel-size 8 ...): vllm_api
 }
 DATA = {"input_key": "input", "input_template": None, "apply_chat_template": False, "max_samples": None}
 REFERENCE_RULE = "common nadir: per objective, the lowest mean score over every front compared"
@@ -207,7 +208,12 @@ def backend(sampling: dict) -> str:
     choice = sampling.get("backend", "auto")
     if choice == "vllm" and not vllm_usable():
         raise BoneSoupError("--eval.backend vllm: vllm is not installed")
-    return "vllm" if choice == "vllm" or (choice == "auto" and vllm_usable()) else "transformers"
+    chosen = "vllm" if choice == "vllm" or (choice == "auto" and vllm_usable()) else "transformers"
+    if sampling.get("vllm_flags"):
+        if chosen != "vllm":
+            raise BoneSoupError("vLLM engine flags (after --) need the vLLM backend; here transformers generates")
+        vllm_api.engine_options(sampling["vllm_flags"])  # a bad flag: one line before any merge or model
+    return chosen
 
 
 # The evaluation's one vLLM engine. Each further preference's merged model is loaded into it through
@@ -225,10 +231,14 @@ def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
         # On vLLM's CPU build gpu_memory_utilization is the share of RAM for the KV cache: a GPU's 0.6 of
         # RAM is far more than a few prompts need (and more than a laptop can give).
         memory = sampling["gpu_memory_utilization"] if torch.cuda.is_available() else 0.05
-        llm = _ENGINE["llm"] = vllm.LLM(
-            model=str(model_dir), seed=sampling["seed"], gpu_memory_utilization=memory,
-            enforce_eager=not torch.cuda.is_available(),  # no compile warm-up for a CPU evaluation
-        )  # fmt: skip
+        options = {
+            "seed": sampling["seed"],
+            "gpu_memory_utilization": memory,
+            "enforce_eager": not torch.cuda.is_available(),  # no compile warm-up for a CPU evaluation
+            # the user's engine flags over these: tensor parallel, dtype, memory share, ...
+            **vllm_api.engine_options(sampling["vllm_flags"]),
+        }
+        llm = _ENGINE["llm"] = vllm.LLM(model=str(model_dir), **options)
     else:
         llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
         llm.reset_prefix_cache()  # cached prefixes hold the previous weights' keys and values
@@ -256,7 +266,7 @@ def close_engine() -> None:
     if llm is not None:
         import torch
 
-        llm.llm_engine.engine_core.shutdown()  # vLLM 0.32: the engine core client owns the process
+        vllm_api.shutdown(llm)
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -424,6 +434,7 @@ def evaluate(
         extrapolation_weights([1.0], alpha)  # a bad alpha fails here, before any model is loaded
     others = {name: load_front(path) for name, path in (compare or {}).items()}
     sampling = {**SAMPLING, **(sampling or {})}
+    backend(sampling)  # a missing vLLM or a bad engine flag: one line before any model loads
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     texts = read_prompts(prompts, backbones[0], **(data or {}))

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openrlhf_bonesoup import checkpoints, lora, merge
+from openrlhf_bonesoup import checkpoints, lora, merge, vllm_api
 from openrlhf_bonesoup.coefficients import BoneSoupError, check_preference, clean, merge_coefficients, parse_floats
 from openrlhf_bonesoup.merge_engine import weighted_sum
 
@@ -168,8 +168,6 @@ class SoupResolver:
         self.count = itertools.count()
 
     async def resolve_lora(self, base_model_name: str, lora_name: str):
-        from vllm.lora.request import LoRARequest
-
         prefix = MODEL + ":"
         if not lora_name.startswith(prefix):
             return None
@@ -180,7 +178,8 @@ class SoupResolver:
         await asyncio.to_thread(
             merge.merge_soup, soup.backbones, soup.matrix, [list(mu)], [folder], alpha=soup.alpha, progress=False
         )
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(folder))  # vLLM sets the id
+        request = vllm_api.get("LoRARequest")
+        return request(lora_name=lora_name, lora_int_id=1, lora_path=str(folder))  # vLLM sets the id
 
 
 def lora_rank(soup: Soup) -> int:
@@ -461,27 +460,22 @@ def vllm_args(soup: Soup, host: str, port: int, extra: Sequence[str] = ()):
                 f"vLLM flag {flag}: serve sets it (the model from the soup, serve's own --host and --port, one API "
                 "server in serve's process)"
             )
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.platforms import current_platform
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    vllm_api.check()  # a vLLM release that moved an internal serve uses: one line now, not at a request
+    make_arg_parser, validate = vllm_api.get("make_arg_parser"), vllm_api.get("validate_parsed_serve_args")
 
     defaults = ["--no-use-tqdm-on-load", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-    if current_platform.is_cpu():  # vLLM's CPU build reads --gpu-memory-utilization as a share of RAM (0.92 fails)
+    # vLLM's CPU build reads --gpu-memory-utilization as a share of RAM (its default 0.92 fails)
+    if vllm_api.get("current_platform").is_cpu():
         defaults += ["--kv-cache-memory-bytes", "1G"]
     if soup.lora:
         defaults += ["--max-loras", "8", "--max-lora-rank", str(lora_rank(soup))]
     fixed = ["--model", str(soup.model), "--tokenizer", str(soup.tokenizer), "--served-model-name", MODEL]
     fixed += ["--host", host, "--port", str(port), "--middleware", f"{__name__}.Preferences"]
     fixed += ["--enable-lora"] if soup.lora else ["--worker-extension-cls", f"{__name__}.SoupWorker"]
-    parser = make_arg_parser(FlexibleArgumentParser(prog="openrlhf-bonesoup serve"))
-
-    def error(message: str):
-        raise BoneSoupError(f"vLLM flags: {message}")
-
-    parser.error = error
-    args = parser.parse_args([*defaults, *extra, *fixed])
+    parser = make_arg_parser(vllm_api.get("FlexibleArgumentParser")(prog="openrlhf-bonesoup serve"))
+    args = vllm_api.parse(parser, [*defaults, *extra, *fixed])
     try:
-        validate_parsed_serve_args(args)
+        validate(args)
     except (TypeError, ValueError) as e:  # flags that do not go together
         raise BoneSoupError(f"vLLM flags: {e}") from None
     return args
@@ -490,13 +484,13 @@ def vllm_args(soup: Soup, host: str, port: int, extra: Sequence[str] = ()):
 def run(soup: Soup, sock: socket.socket, args) -> None:
     """vLLM's OpenAI server on sock for this soup, until interrupted."""
     import uvloop
-    from vllm.entrypoints.launchers.api_server.entry import run_server_worker
-    from vllm.lora.resolver import LoRAResolverRegistry
+
+    run_server_worker, resolvers = vllm_api.get("run_server_worker"), vllm_api.get("LoRAResolverRegistry")
 
     _SERVED["soup"] = soup
     if soup.lora:
         # vLLM asks resolvers only when runtime LoRA updates are allowed; the middleware keeps its
         # load/unload routes closed (they are not in ROUTES)
         os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
-        LoRAResolverRegistry.register_resolver("bonesoup", SoupResolver(soup))
+        resolvers.register_resolver("bonesoup", SoupResolver(soup))
     uvloop.run(run_server_worker(f"http://{args.host}:{args.port}", sock, args))

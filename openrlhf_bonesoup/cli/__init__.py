@@ -430,6 +430,10 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
         "--eval.backend", dest="backend", choices=["auto", "vllm", "transformers"], default="auto",
         help="generation: vLLM (one engine, weights reloaded per preference) when installed, else transformers",
     )  # fmt: skip
+    p.add_argument(
+        "vllm_flags", nargs="*", metavar="-- VLLM_FLAGS",
+        help="after --: vLLM engine flags for generation (e.g. -- --tensor-parallel-size 8 --dtype bfloat16)",
+    )  # fmt: skip
 
 
 def _register_flags(p: argparse.ArgumentParser) -> None:

@@ -103,11 +103,10 @@ def _stateless_group(module: types.ModuleType) -> None:
 
 def stateless_init_process_group(master_address, master_port, rank, world_size, device):
     """utils/distributed_util.stateless_init_process_group on gloo (see _stateless_group)."""
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    from openrlhf_bonesoup import vllm_api
 
-    group = stateless_init_torch_distributed_process_group(
-        master_address, master_port, rank, world_size, backend="gloo"
-    )
+    init_group = vllm_api.get("stateless_init_torch_distributed_process_group")
+    group = init_group(master_address, master_port, rank, world_size, backend="gloo")
     # The group's own broadcast takes the root's rank in the group, as PyNccl's does.
     return types.SimpleNamespace(broadcast=lambda tensor, src, stream=None: group.broadcast(tensor, src).wait())
 
