@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -193,7 +194,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _quiet_model_loading() -> None:
     """score, evaluate and merge --alpha auto load models: transformers' "Loading weights" bar per model,
     OpenRLHF's INFO lines and DeepSpeed's no-GPU notice (these commands choose their device themselves)
-    would bury the command's own lines. Warnings, errors and download bars still show."""
+    would bury the command's own lines. Warnings, errors and download bars still show, except vLLM's own
+    platform notes (vLLM 0.32 warns on every import that its CPU build's triton has no CPU backend): vLLM
+    logs from ERROR up unless VLLM_LOGGING_LEVEL says otherwise, as in `serve`. That note is logged before
+    vLLM configures its logging, so its logger's level is set here too."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read once, when vllm is first imported
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     import huggingface_hub.utils
     import transformers
 
