@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
 from openrlhf_bonesoup.integration import cpu, launcher, worker
 
 # The upstream call each replacement stands for, run after `cpu.apply(...)`.
@@ -202,36 +200,85 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     assert plan["runtime_env"]["env_vars"][cpu.ENV] == "1"
     assert plan["runtime_env"]["env_vars"][cpu.VLLM_MP_ENV] == "0"  # the model in the engine core's process
     assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
-    assert plan["cpu"] == {
+    assert {option: change[:2] for option, change in plan["cpu"].items()} == {
         **{f"{group}.num_gpus_per_node": [8, 1] for group in ("actor", "ref", "critic", "reward")},
         "vllm.num_engines": [None, 1],
         "vllm.sync_backend": ["nccl", "gloo"],
         "ds.attn_implementation": ["flash_attention_2", "eager"],
         "vllm.gpu_memory_utilization": [0.95, 0.05],
     }
+    assert all(isinstance(why, str) and why for _, _, why in plan["cpu"].values())  # each says why
 
 
-@pytest.mark.parametrize("option", sorted(launcher.CPU_REFUSED))
-def test_options_that_need_cuda_are_refused_with_cpu(option, tiny, tmp_path):
+# What each GPU-only option is set to by upstream's recipes (examples/scripts of 0.11.2) when given.
+GIVEN = {
+    "ds.packing_samples": [],
+    "train.dynamic_batch_enable": [],
+    "vllm.enable_sleep": [],
+    "ds.enable_sleep": [],
+    "vllm.sync_with_ray": [],
+    "vllm.sync_backend": ["nccl"],
+    "ds.ring_attn_size": ["2"],
+    "ds.tensor_parallel_size": ["2"],
+    "vllm.tensor_parallel_size": ["2"],
+}
+
+
+def test_gpu_only_options_are_turned_off_with_cpu_not_refused(tiny, tmp_path):
+    """--cpu rehearses the user's exact command: options that only change a GPU launch's speed or memory are
+    set to what runs here, each listed with why; without --cpu they stay as given."""
+    assert set(GIVEN) == set(launcher.CPU_OFF)
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
-    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", f"--{option}"]
-    launcher.resolve(argv)  # accepted without --cpu
-    refusal = f"--{option} cannot run with --cpu: {launcher.CPU_REFUSED[option]}"
-    with pytest.raises(BoneSoupError, match=f"^{re.escape(refusal)}$"):
-        launcher.resolve([*argv, "--cpu"])
+    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
+    for option, value in GIVEN.items():
+        argv += [f"--{option}", *value]
+    _, args = launcher.resolve(argv)
+    assert args.ds.packing_samples and args.vllm.enable_sleep and args.ds.ring_attn_size == 2  # upstream's
+    plan, args = launcher.resolve([*argv, "--cpu"])
+    for option, (off, why) in launcher.CPU_OFF.items():
+        group, name = option.split(".")
+        assert getattr(getattr(args, group), name) == off, option
+        assert plan["cpu"][option][1:] == [off, why], option
+    assert plan["cpu"]["ds.ring_attn_size"][0] == 2 and plan["cpu"]["ds.packing_samples"][0] is True
 
 
-def test_a_refused_option_is_one_line_and_exit_2(tiny, tmp_path):
+def test_4bit_loading_stays_refused_in_one_line_exit_2(tiny, tmp_path):
+    """Turning 4-bit loading off would rehearse full-precision weights: the one refusal that stays."""
+    assert set(launcher.CPU_REFUSED) == {"ds.load_in_4bit"}
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", "--dry_run"]
     done = subprocess.run(
-        [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv, "--vllm.enable_sleep"],
+        [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray", *argv, "--ds.load_in_4bit"],
         capture_output=True,
         text=True,
     )
+    refusal = "error: --ds.load_in_4bit cannot run with --cpu: " + launcher.CPU_REFUSED["ds.load_in_4bit"]
     assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(refusal)
+
+
+def test_each_change_is_one_printed_line(tiny, tmp_path, capsys):
+    """A launch prints what --cpu changed, one line each (stopped here right after the launcher's step)."""
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
+    argv += ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
+    argv += ["--vllm.enable_sleep", "--ds.packing_samples"]
+    ours, rest = launcher._parse(argv)
+
+    class Started(Exception):
+        pass
+
+    def no_ray(env, gpus):  # the step's last act: Ray would start here
+        raise Started
+
+    launch = {"openrlhf_argv": rest}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launcher, "_start_ray", no_ray)
+        with launcher._hierarchize_then(lambda args: launcher.prepare(ours, args, argv, launch)):
+            with pytest.raises(Started):
+                launcher._run_openrlhf(rest)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[bonesoup] --cpu:")]
     assert (
-        done.stderr.strip()
-        .splitlines()[-1]
-        .endswith("error: --vllm.enable_sleep cannot run with --cpu: " + launcher.CPU_REFUSED["vllm.enable_sleep"])
+        "[bonesoup] --cpu: --vllm.enable_sleep False (was True): " + launcher.CPU_OFF["vllm.enable_sleep"][1] in lines
     )
+    assert any(line.startswith("[bonesoup] --cpu: --ds.packing_samples False (was True): ") for line in lines)
+    assert len(lines) == len(set(lines)) >= 6  # sleep, packing, sync backend, attention, memory, engines, ...

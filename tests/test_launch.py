@@ -54,6 +54,9 @@ GPU_ARGS = ["--train.colocate_all", "--vllm.gpu_memory_utilization", "0.3", "--v
 GPU_ARGS += ["--ds.enable_sleep", "--ds.attn_implementation", "sdpa"]
 for group in ("actor", "ref", "critic", "reward"):
     GPU_ARGS += [f"--{group}.num_nodes", "1", f"--{group}.num_gpus_per_node", "1"]
+# What OpenRLHF 0.11's RL recipes (examples/scripts) add for GPU speed and memory; --cpu turns each off.
+GPU_RECIPE_OPTIONS = ["--ds.packing_samples", "--train.dynamic_batch_enable", "--train.max_tokens_per_gpu", "4096"]
+GPU_RECIPE_OPTIONS += ["--vllm.enable_sleep", "--ds.enable_sleep", "--vllm.sync_backend", "nccl"]
 
 
 def argv(models: dict, out: Path, index: int, tb: Path, steps: int) -> list[str]:
@@ -111,8 +114,9 @@ def recipe(models, tmp_path_factory) -> dict:
     upstream = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
     path = os.pathsep.join([str(patched), os.environ.get("PYTHONPATH", "")])
     launch([*upstream, *argv(models, root, 1, root / "tb1", steps=2)], root / "backbone1.log", {"PYTHONPATH": path})
-    # The last backbone's launch completes the soup: its post-training hook merges two preferences.
-    merging = ["--merge_preferences", "1,0,0;0,0,1"]
+    # The last backbone's launch completes the soup: its post-training hook merges two preferences. On CPU it
+    # also carries the speed/memory options of upstream's GPU recipes, which --cpu turns off, one line each.
+    merging = ["--merge_preferences", "1,0,0;0,0,1", *([] if CUDA else GPU_RECIPE_OPTIONS)]
     launch([*OURS, *argv(models, root, 2, root / "tb2", steps=2), *merging], root / "backbone2.log")
     return {"root": root, "models": models}
 
@@ -178,6 +182,13 @@ def test_the_last_launch_merges_the_soup_after_training(recipe):
         f"merged: {root / 'soup' / 'merged' / name}" for name in ("mu_1.00_0.00_0.00", "mu_0.00_0.00_1.00")
     ]
     assert "merged: " not in (root / "backbone0.log").read_text()  # the soup was not complete yet
+    if not CUDA:  # the GPU recipe's options ran turned off, each said in one line
+        said = dict(  # option -> (now, was)
+            (m[1], (m[2], m[3])) for m in re.finditer(r"^\[bonesoup\] --cpu: --(\S+) (\S+) \(was (\S+)\): ", log, re.M)
+        )
+        for option in ("ds.packing_samples", "train.dynamic_batch_enable", "vllm.enable_sleep", "ds.enable_sleep"):
+            assert said[option] == ("False", "True"), said
+        assert said["vllm.sync_backend"] == ("gloo", "nccl")
 
 
 def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):

@@ -107,6 +107,34 @@ def test_endpoints_and_light_functions_alone_go_through_reward_func(tiny, tmp_pa
     assert args.bonesoup["route"] == worker.ROUTE_ACTORS and args.reward.remote_url is None
 
 
+def test_upstreams_remote_url_names_objectives_after_the_reward_models(tiny, tmp_path):
+    """OpenRLHF's recipes pass reward functions (and endpoints) as --reward.remote_url a.py,b.py: with a
+    combiner they are objectives, after --reward.model_name_or_path's models, named as --objectives names
+    them; the launch then routes them as any objective (our reward_func file, or the reward actors)."""
+    for name in ("length", "format"):
+        (tmp_path / f"{name}.py").write_text(
+            "def reward_func(queries, prompts, labels):\n    return [0.0] * len(queries)\n"
+        )
+    files = f"{tmp_path / 'length.py'},{tmp_path / 'format.py'}"
+    _, args = launcher.resolve(openrlhf_argv(tiny, "--reward.remote_url", files, *OURS))
+    specs = args.bonesoup["objectives"]
+    assert [(s["kind"], s["path"], s["name"]) for s in specs] == [
+        ("function", str(tmp_path / "length.py"), "length"),
+        ("function", str(tmp_path / "format.py"), "format"),
+    ]
+    assert args.bonesoup["route"] == worker.ROUTE_REWARD_FUNC
+    assert args.reward.remote_url == launcher.REWARD_FUNC_FILE and args.reward.model_name_or_path is None
+
+    url = "http://127.0.0.1:5000/get_reward"
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", str(tiny["rm_llama"]), *OURS)
+    _, args = launcher.resolve([*argv, "--reward.remote_url", f"{tmp_path / 'length.py'},{url}"])
+    specs = args.bonesoup["objectives"]
+    assert [s["kind"] for s in specs] == ["model", "function", "http"]
+    assert [s.get("path") or s["url"] for s in specs] == [str(tiny["rm_llama"]), str(tmp_path / "length.py"), url]
+    assert args.bonesoup["route"] == worker.ROUTE_ACTORS and args.reward.remote_url is None
+    assert args.bonesoup["weights"] is not None and len(args.bonesoup["weights"]) == 3
+
+
 def test_an_objectives_file_of_models_feeds_upstreams_reward_group(tiny, tmp_path):
     (tmp_path / "o.json").write_text(json.dumps([{"path": str(tiny["rm_gpt2"])}, {"path": str(tiny["rm_llama"])}]))
     _, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.json"), *OURS))
@@ -144,11 +172,11 @@ def test_dry_run_prints_the_plan(tiny, capsys):
     [
         (["--reward_combiner", "bonesoup", "--beta", "0.7"], "needs --backbone_index"),
         (["--beta", "0.7"], "--reward_combiner is required"),
-        ([*OURS, "--reward.remote_url", "http://h:1/get_reward"], "give endpoints and reward_func files as objectives"),
         ([*OURS, "--train.agent_func_path", "agent.py"], "--train.agent_func_path replaces the reward"),
         ([*OURS, "--algo.dynamic_filtering_enable"], "--algo.dynamic_filtering_enable filters"),
         ([*OURS, "--eval.dataset", "e.jsonl"], "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only"),
         ([*OURS, "--objectives", "x.yaml"], "give the objectives once"),
+        ([*OURS, "--objectives", "x.yaml", "--reward.remote_url", "r.py"], "give the objectives once"),
         (["--reward_combiner", "linear", "--reward_weights", "0.5,0.5", "--soup_dir", "s"], "needs --reward_combiner"),
         ([*OURS, "--merge_output", "m"], "--merge_output needs"),
         ([*OURS, "--merge_preferences", "0,1"], "needs --soup_dir"),

@@ -297,9 +297,17 @@ def _check_merge_flags(ours: argparse.Namespace) -> None:
 
 def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     """Our step between OpenRLHF's parsing and its checks: refuse, resolve, route, record, start Ray."""
-    if ours.objectives and args.reward.model_name_or_path:
-        raise BoneSoupError("give the objectives once: --objectives FILE or --reward.model_name_or_path A,B")
-    specs = objectives.parse_objectives(ours.objectives or args.reward.model_name_or_path or "")
+    # Upstream's own ways of naming rewards are the objectives, in this order: the reward models of
+    # --reward.model_name_or_path, then the reward_func files and endpoints of --reward.remote_url (the
+    # recipes pass reward functions there). --objectives FILE names them with their settings instead.
+    upstream = [x for x in (args.reward.model_name_or_path, args.reward.remote_url) if x]
+    if ours.objectives and upstream:
+        raise BoneSoupError(
+            "give the objectives once: --objectives FILE, or upstream's --reward.model_name_or_path A,B and "
+            "--reward.remote_url C.py,http://..."
+        )
+    specs = objectives.parse_objectives(ours.objectives or ",".join(upstream))
+    args.reward.remote_url = None  # its files and endpoints are objectives now: the route below calls them
     weights = combiners.weights_from_args(ours, len(specs))
     route = worker.ROUTE_ACTORS if objectives.needs_reward_actors(specs) else worker.ROUTE_REWARD_FUNC
     _refuse_bypasses(args, specs, route)
@@ -358,6 +366,8 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         _register(ours, specs, args, argv, backbone_index, output_dir)
     if critic_defaulted:
         print(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {args.actor.model_name_or_path}")
+    for option, (was, now, why) in (cpu_changes or {}).items():
+        print(f"[bonesoup] --cpu: --{option} {now} (was {was}): {why}")
     _start_ray(env, _cpu_gpus(args) if ours.cpu else None)
     return args
 
@@ -368,11 +378,6 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
     if args.train.agent_func_path:
         raise BoneSoupError(
             "--train.agent_func_path replaces the reward with the agent's own: it cannot train a Bone Soup backbone"
-        )
-    if args.reward.remote_url:
-        raise BoneSoupError(
-            f"--reward.remote_url {args.reward.remote_url} with a reward combiner: give endpoints and reward_func "
-            "files as objectives (--reward.model_name_or_path or --objectives); the plugin then scores them itself"
         )
     if args.algo.dynamic_filtering_enable:
         raise BoneSoupError(
@@ -409,46 +414,56 @@ def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index
     )
 
 
-# Options that cannot run under --cpu: each needs a CUDA kernel, allocator or library.
+# --cpu turns these off, one printed line each (and --dry_run lists them): each needs a CUDA kernel,
+# allocator or library, and each only changes a GPU launch's speed or memory, not what it computes
+# (padded rows give what packed rows give; whole batches what token-budget micro-batches give).
+CPU_OFF = {
+    "ds.packing_samples": (False, "packing needs flash-attn's variable-length CUDA kernels; rows are padded"),
+    "train.dynamic_batch_enable": (False, "token-budget micro-batches turn on packing (flash-attn's CUDA kernels)"),
+    "vllm.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
+    "ds.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
+    "vllm.sync_with_ray": (False, "Ray collectives need NCCL; --cpu syncs weights on vLLM's gloo group"),
+    "vllm.sync_backend": ("gloo", "NCCL needs GPUs (colocated launches then sync over it, not CUDA IPC)"),
+    "ds.ring_attn_size": (1, "ring attention needs flash-attn's kernels"),
+    "ds.tensor_parallel_size": (1, "DeepSpeed's tensor parallel splits layers over GPUs"),
+    "vllm.tensor_parallel_size": (1, "one vLLM engine process per engine"),
+}
+
+
+# The refusals that stay: turning these off would rehearse another computation.
 CPU_REFUSED = {
-    "ds.packing_samples": "packing needs flash-attn's variable-length CUDA kernels",
-    "train.dynamic_batch_enable": "dynamic batching turns on packing, which needs flash-attn's CUDA kernels",
-    "vllm.enable_sleep": "sleep modes free and restore CUDA memory pools",
-    "ds.enable_sleep": "sleep modes free and restore CUDA memory pools",
-    "vllm.sync_with_ray": "Ray collectives need NCCL or pygloo; --cpu syncs weights on vLLM's gloo group",
-    "ds.load_in_4bit": "4-bit loading needs bitsandbytes' CUDA kernels",
+    "ds.load_in_4bit": "the policy's weights would be full precision, not NF4 as on the GPU launch (and "
+    "bitsandbytes' 4-bit kernels need CUDA)",
 }
 
 
 def _cpu_settings(args) -> dict:
-    """--cpu: refuse what needs CUDA, then set what fits a CPU machine. Returns {option: [was, now]}."""
+    """--cpu: set what fits a CPU machine. Returns {option: [was, now, why]}; each change is printed."""
     for option, why in CPU_REFUSED.items():
         group, name = option.split(".")
         if getattr(getattr(args, group), name):
             raise BoneSoupError(f"--{option} cannot run with --cpu: {why}")
-    if args.ds.ring_attn_size > 1:
-        raise BoneSoupError("--ds.ring_attn_size > 1 cannot run with --cpu: ring attention needs flash-attn's kernels")
     changes = {}
 
-    def change(option: str, value) -> None:
+    def change(option: str, value, why: str) -> None:
         group, name = option.split(".")
         was = getattr(getattr(args, group), name)
         if was != value:
             setattr(getattr(args, group), name, value)
-            changes[option] = [was, value]
+            changes[option] = [was, value, why]
 
+    for option, (value, why) in CPU_OFF.items():
+        change(option, value, why)
     # A rehearsal of the recipe, not of its scale: every model group and vLLM runs as one process.
     for group in ("actor", "ref", "critic", "reward"):
-        change(f"{group}.num_nodes", 1)
-        change(f"{group}.num_gpus_per_node", 1)
-    change("vllm.num_engines", 1)  # OpenRLHF 0.11 generates rollouts only through vLLM engines
-    change("vllm.tensor_parallel_size", 1)
-    change("vllm.sync_backend", "gloo")  # upstream's default, NCCL, needs GPUs
+        change(f"{group}.num_nodes", 1, "a rehearsal of the recipe, not of its scale")
+        change(f"{group}.num_gpus_per_node", 1, "a rehearsal of the recipe, not of its scale")
+    # OpenRLHF 0.11 generates rollouts only through vLLM engines
+    change("vllm.num_engines", 1, "a rehearsal of the recipe, not of its scale")
     if "flash" in args.ds.attn_implementation:  # upstream's default: flash_attention_2, a CUDA kernel
-        change("ds.attn_implementation", "eager")
-    # On vLLM's CPU build this is the share of RAM for the KV cache: upstream's default 0.95 is refused.
+        change("ds.attn_implementation", "eager", "flash attention is a CUDA kernel")
     if args.vllm.gpu_memory_utilization > 0.2:
-        change("vllm.gpu_memory_utilization", 0.05)
+        change("vllm.gpu_memory_utilization", 0.05, "on vLLM's CPU build, the share of RAM for the KV cache")
     return changes
 
 
