@@ -94,3 +94,37 @@ def test_upstreams_estimators_see_the_backbones_own_reward(estimator, row):
         got = experience.advantages.numpy()
         want = np.broadcast_to(expected[part][:, None], got.shape)
         np.testing.assert_allclose(got[mask], want[mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop_coef", [0.5, -0.5])
+def test_length_penalties_apply_to_the_combined_reward_as_upstream_applies_them_to_its_one(stop_coef):
+    """DAPO's overlong penalty, then ProRL's stop-properly penalty, act on h_j: upstream applies both to
+    experience.rewards inside compute_advantages_and_returns, after the plugin combined the objectives."""
+    rng = np.random.default_rng(3)
+    raw = rng.normal(size=(N_PROMPTS * N_SAMPLES, 2))
+    weights = backbone_matrix(0.7, 2)[0]
+    reward, _ = Combination([{**s, "normalize": "none"} for s in SPECS], weights)(raw)
+    lengths = rng.integers(1, T + 1, size=len(raw))
+    truncated = lengths == T
+    args = _args("dr_grpo")
+    args.rollout.max_new_tokens, args.reward.overlong_buffer_len, args.reward.overlong_penalty_factor = T, 3, 2.0
+    args.reward.stop_properly_penalty_coef = stop_coef
+    experience = Experience(
+        rewards=torch.from_numpy(reward).float(),
+        action_mask=torch.tensor([[t < n for t in range(T)] for n in lengths]),
+        kl=torch.zeros(len(raw), T),
+        response_length=torch.from_numpy(lengths).float(),
+        truncated=torch.from_numpy(truncated),
+        index=list(range(len(raw))),
+        info={"reward": torch.from_numpy(reward).float()},
+    )
+    maker = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.0), NS(args=args), None)
+    out = maker.compute_advantages_and_returns([experience])[0]
+
+    h = raw @ weights
+    h = h - np.clip(lengths - (T - 3), 0, 3) / 3 * 2.0  # overlong: past max_new_tokens - buffer, capped
+    h = np.where(truncated, h * stop_coef if stop_coef >= 0 else stop_coef, h)  # then stop-properly
+    np.testing.assert_allclose(out.info["reward"].numpy(), h, rtol=1e-5, atol=1e-6)  # logged as train/reward
+    g = h.reshape(N_PROMPTS, N_SAMPLES)
+    expected = (g - g.mean(1, keepdims=True)).reshape(-1)
+    np.testing.assert_allclose(out.advantages.numpy()[:, 0], expected, rtol=1e-4, atol=1e-5)
