@@ -35,9 +35,10 @@ import ray
 import rollouts
 import torch
 from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 from openrlhf.trainer.ray.launcher import RayActorGroup
 from openrlhf.utils import get_strategy
-from rollouts import RULES, by_hand, format_reward, logged, queries_of
+from rollouts import PROMPTS, RULES, by_hand, format_reward, logged, queries_of
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from openrlhf_bonesoup.integration import actor as bonesoup_actor
@@ -187,6 +188,44 @@ def test_reward_func_route_combines_the_raw_values_in_the_trainer(cluster, tiny,
     how = [o["normalize"] for o in args.bonesoup["objectives"]]
     for experiences, want in zip(made, by_hand(raw_steps, how, [0.6, 0.4]), strict=True):
         np.testing.assert_allclose(logged(experiences, "reward"), want, rtol=1e-5, atol=1e-5)
+
+
+KEEP = """import torch
+def reward_func(queries, prompts, labels):
+    return torch.tensor([1.0 if label == "keep" else 0.0 for label in labels])
+"""
+ZERO = "def reward_func(queries, prompts, labels):\n    return [0.0 for _ in queries]\n"
+
+
+def test_dynamic_filtering_keeps_the_prompts_whose_mean_h_j_is_in_range(cluster, tiny, tiny_gpu, tmp_path):
+    """`--algo.dynamic_filtering_enable` on the reward_func route: upstream's SamplesGenerator drops each prompt
+    whose samples' mean rollout-side score is outside the range and draws a replacement. Our file sets that
+    score to h_0 = 0.7 keep + 0.3 zero: 0.7 for prompts labelled "keep", inside (0.5, 0.9), 0 for the others.
+    On either raw objective alone (1.0 or 0.0) every prompt would be dropped."""
+    for name, code in (("keep", KEEP), ("zero", ZERO)):
+        (tmp_path / f"{name}.py").write_text(code)
+    specs = [{"name": name, "path": str(tmp_path / f"{name}.py")} for name in ("keep", "zero")]
+    (tmp_path / "o.yaml").write_text(json.dumps(specs))
+    argv = rollouts.launch_argv(tiny["policy"], tmp_path / "o.yaml")
+    argv += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.5", "0.9"]
+    _, args = launcher.resolve([*argv, "--rollout.n_samples_per_prompt", "2"])
+    prompts = [p for p, _ in PROMPTS[:6]]
+    labels = ["keep", "drop", "keep", "drop", "keep", "drop"]
+    batches = iter([(None, [p], [label], [None]) for p, label in zip(prompts, labels, strict=True)])
+    env = {worker.CONFIG_ENV: json.dumps(args.bonesoup)}  # what the launch's runtime_env carries
+    engine = rollouts.engine_actor(tiny_gpu["policy"], args.reward.remote_url, env)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gpu["policy"]))
+    try:
+        generator = SamplesGenerator(get_strategy(args), None, None, tokenizer, [engine])
+        kwargs = {"temperature": 1.0, "max_new_tokens": 4, "max_len": 64}
+        accepted, consumed, exhausted = generator._generate_vllm(batches, 4, dynamic_filtering=True, **kwargs)
+    finally:
+        ray.kill(engine)
+    # 4 prompts sent, the 2 dropped replaced by prompts 5 and 6, prompt 6 dropped with nothing left to draw
+    assert consumed == 6 and exhausted
+    assert sorted(e.prompts[0] for e in accepted) == sorted(2 * [prompts[0], prompts[2], prompts[4]])
+    assert [e.scores[0].item() for e in accepted] == pytest.approx([0.7] * 6)
+    assert [e.info["reward_raw/keep"].item() for e in accepted] == [1.0] * 6  # the trainer combines these
 
 
 # --- each objective's own attention, beside OpenRLHF's default flags --------------------------------

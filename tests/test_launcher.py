@@ -173,7 +173,7 @@ def test_dry_run_prints_the_plan(tiny, capsys):
         (["--reward_combiner", "bonesoup", "--beta", "0.7"], "needs --backbone_index"),
         (["--beta", "0.7"], "--reward_combiner is required"),
         ([*OURS, "--train.agent_func_path", "agent.py"], "--train.agent_func_path replaces the reward"),
-        ([*OURS, "--algo.dynamic_filtering_enable"], "--algo.dynamic_filtering_enable filters"),
+        ([*OURS, "--algo.dynamic_filtering_enable"], "include models scored later by the reward actors"),
         ([*OURS, "--eval.dataset", "e.jsonl"], "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only"),
         ([*OURS, "--objectives", "x.yaml"], "give the objectives once"),
         ([*OURS, "--objectives", "x.yaml", "--reward.remote_url", "r.py"], "give the objectives once"),
@@ -200,6 +200,21 @@ def test_evaluation_with_running_statistics_is_refused(tiny, tmp_path, monkeypat
     )
     argv = openrlhf_argv(tiny, "--objectives", "o.yaml", *OURS, "--eval.dataset", "e.jsonl")
     code, _, err = run_main(argv, capsys)
+    assert code == 2 and "never see the trainer's running statistics" in err and "\n" not in err
+
+
+def test_dynamic_filtering_runs_on_the_reward_func_route_with_fixed_normalisation(tiny, tmp_path, capsys):
+    (tmp_path / "fixed.yaml").write_text("- {url: 'http://10.0.0.9:5000/get_reward', normalize: {mean: 1, std: 2}}\n"
+                                         "- {url: 'http://10.0.0.9:5001/get_reward'}\n")  # fmt: skip
+    flags = ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.2", "0.8"]
+    flags += ["--rollout.n_samples_per_prompt", "4"]
+    plan, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "fixed.yaml"), *OURS, *flags))
+    assert plan["bonesoup"]["route"] == "reward_func" and args.algo.dynamic_filtering_enable
+    assert args.reward.remote_url == launcher.REWARD_FUNC_FILE  # upstream's filter needs a rollout-side reward
+
+    (tmp_path / "running.yaml").write_text("- {url: 'http://10.0.0.9:5000/get_reward', normalize: running}\n"
+                                           "- {url: 'http://10.0.0.9:5001/get_reward'}\n")  # fmt: skip
+    code, _, err = run_main(openrlhf_argv(tiny, "--objectives", str(tmp_path / "running.yaml"), *OURS, *flags), capsys)
     assert code == 2 and "never see the trainer's running statistics" in err and "\n" not in err
 
 

@@ -379,10 +379,13 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
         raise BoneSoupError(
             "--train.agent_func_path replaces the reward with the agent's own: it cannot train a Bone Soup backbone"
         )
-    if args.algo.dynamic_filtering_enable:
+    # Upstream's filter (samples_generator.py, _generate_vllm) reads each rollout's `scores`, set in the rollout
+    # worker. On the reward_func route our file sets them to h_j, combined as the trainer combines (fixed
+    # normalisation only); model objectives are scored later, in the trainer, so nothing there is h_j.
+    if args.algo.dynamic_filtering_enable and route == worker.ROUTE_ACTORS:
         raise BoneSoupError(
-            "--algo.dynamic_filtering_enable filters on the rollout workers' scores before the composite reward is "
-            "combined: not supported with a reward combiner"
+            "--algo.dynamic_filtering_enable filters on scores set in the rollout workers, and these objectives "
+            "include models scored later by the reward actors: filter with reward_func files and endpoints only"
         )
     if args.eval.dataset and route == worker.ROUTE_ACTORS:
         raise BoneSoupError(
@@ -390,6 +393,11 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
             "scored by the reward actors; evaluate soups with `openrlhf-bonesoup evaluate` instead"
         )
     running = [s["name"] for s in specs if s["normalize"] == "running"]
+    if args.algo.dynamic_filtering_enable and running:
+        raise BoneSoupError(
+            f"--algo.dynamic_filtering_enable with `normalize: running` ({', '.join(running)}): the filter runs in "
+            "the rollout workers, which never see the trainer's running statistics; use fixed {mean, std}"
+        )
     if args.eval.dataset and running:
         raise BoneSoupError(
             f"--eval.dataset with `normalize: running` ({', '.join(running)}): evaluation rewards are computed in "
