@@ -109,7 +109,7 @@ def reference_rm(path, text: str) -> float:
         return model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
 
 
-def engine_actor(policy_path, remote_rm_url=None, env: dict | None = None):
+def engine_actor(policy_path, remote_rm_url=None, env: dict | None = None, agent_func_path=None):
     """OpenRLHF's vLLM engine actor (RolloutRayActor), built as create_vllm_engines builds one (tensor
     parallel 1, no hybrid engine), with a runtime_env of its own when `env` is given."""
     from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
@@ -122,7 +122,7 @@ def engine_actor(policy_path, remote_rm_url=None, env: dict | None = None):
         worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
         distributed_executor_backend="uni", dtype="bfloat16", trust_remote_code=True, full_determinism=False,
         gpu_memory_utilization=0.05 if not torch.cuda.is_available() else 0.2, num_gpus=1,
-        remote_rm_url=remote_rm_url,
+        remote_rm_url=remote_rm_url, agent_func_path=agent_func_path,
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ import json, os, sys
 with open(os.environ["CALLS"], "a") as f:
     f.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
 """
-SETTINGS = ("SETTING", "LAUNCH", "COMBINER", "BETA", "SFT", "DATA", "SOUP", "OUT", "ALPHA", "RS_SOUP", "BETAS")
+SETTINGS = ("SETTING", "LAUNCH", "COMBINER", "ALGO", "BETA", "SFT", "DATA", "SOUP", "OUT", "ALPHA", "RS_SOUP", "BETAS")
 
 
 def load(path: Path):
@@ -190,6 +190,25 @@ def test_summary_and_rewarded_soup_launches(tmp_path, monkeypatch):
         assert plan["soup_dir"] == str(tmp_path / "soups" / "summary_rewarded_soup")
         argv = plan["openrlhf_argv"]
         assert argv[argv.index("--rollout.max_new_tokens") + 1] == "48"
+
+
+@pytest.mark.parametrize(
+    "algo, estimator, samples, kl",
+    [("grpo", "group_norm", 8, "k3"), ("reinforce_baseline", "reinforce_baseline", 4, "k2")],
+)
+def test_grpo_and_reinforce_baseline_launches(tmp_path, monkeypatch, algo, estimator, samples, kl):
+    calls = run_script("train_bonesoup_backbones.sh", tmp_path, ALGO=algo)
+    assert len(calls) == 2
+    for j, call in enumerate(calls):
+        _, plan = launch(call, monkeypatch)  # through OpenRLHF's parser and the launcher's checks
+        assert plan["backbone_index"] == j and plan["critic.model_name_or_path"] is None
+        assert plan["soup_dir"] == str(tmp_path / "soups" / f"hh_bone_soup_b0.7_{algo}")
+        argv = plan["openrlhf_argv"]
+        assert argv[argv.index("--algo.advantage.estimator") + 1] == estimator
+        assert argv[argv.index("--rollout.n_samples_per_prompt") + 1] == str(samples)
+        assert argv[argv.index("--algo.kl.estimator") + 1] == kl and "--algo.kl.use_loss" in argv
+        assert int(argv[argv.index("--rollout.batch_size") + 1]) * samples == 1024
+        assert not any(a.startswith("--critic.") for a in argv)
 
 
 def test_a_bad_setting_stops_the_script(tmp_path):

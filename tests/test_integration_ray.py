@@ -228,6 +228,67 @@ def test_dynamic_filtering_keeps_the_prompts_whose_mean_h_j_is_in_range(cluster,
     assert [e.info["reward_raw/keep"].item() for e in accepted] == [1.0] * 6  # the trainer combines these
 
 
+AGENT = """import torch
+from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
+
+
+class AgentInstance(AgentInstanceBase):
+    def __init__(self, *args, **kwargs):
+        pass
+
+    async def reset(self, states, **kwargs):
+        return {"observation": states["observation"]}
+
+    async def step(self, states, **kwargs):  # one turn; the environment answers, rewards 5 and ends the episode
+        return {"rewards": torch.tensor(5.0), "scores": torch.tensor(1.0), "environment_feedback": " Checked.",
+                "done": True, "sampling_params": states["sampling_params"], "extra_logs": {}}
+
+
+class AgentExecutor(MultiTurnAgentExecutor):
+    def __init__(self):
+        super().__init__(AgentInstance)
+"""
+LENGTH = "def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n"
+
+
+def test_an_agents_episodes_are_scored_by_the_objectives(cluster, tiny, tiny_gpu, tmp_path):
+    """`--train.agent_func_path` on the reward_func route: OpenRLHF's vLLM engine actor loads the agent file, runs
+    its episode (the environment's feedback appended to the trajectory), and the worker hook has the objectives
+    score the final trajectory: reward and score are h_0 = 0.7 length + 0.3 keep, the agent's own reward is
+    only logged."""
+    for name, code in (("agent", AGENT), ("length", LENGTH), ("keep", KEEP)):
+        (tmp_path / f"{name}.py").write_text(code)
+    specs = [{"name": name, "path": str(tmp_path / f"{name}.py")} for name in ("length", "keep")]
+    (tmp_path / "o.yaml").write_text(json.dumps(specs))
+    argv = [
+        *rollouts.launch_argv(tiny["policy"], tmp_path / "o.yaml"),
+        "--train.agent_func_path",
+        str(tmp_path / "agent.py"),
+    ]
+    _, args = launcher.resolve(argv)
+    env = {worker.CONFIG_ENV: json.dumps(args.bonesoup)}
+    engine = rollouts.engine_actor(tiny_gpu["policy"], None, env, agent_func_path=args.train.agent_func_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gpu["policy"]))
+    from vllm import SamplingParams
+
+    try:
+        outputs = ray.get(
+            engine.generate_responses.remote(
+                PROMPTS[0][0], "keep", SamplingParams(max_tokens=6, temperature=0.0), 64, tokenizer, 2
+            )
+        )
+    finally:
+        ray.kill(engine)
+    for output in outputs:
+        query = tokenizer.decode(output["observation_tokens"], skip_special_tokens=False)
+        assert query.startswith(PROMPTS[0][0]) and query.endswith(" Checked.")  # the whole episode
+        assert output["reward"] == pytest.approx(0.7 * len(query) / 100 + 0.3 * 1.0, rel=1e-6)
+        assert output["scores"] == output["reward"]
+        logs = output["extra_logs"]
+        assert logs["reward_raw/length"] == pytest.approx(len(query) / 100) and logs["reward_raw/keep"] == 1.0
+        assert logs["agent_reward"] == 5.0  # logged, not trained on
+
+
 # --- each objective's own attention, beside OpenRLHF's default flags --------------------------------
 
 

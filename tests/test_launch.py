@@ -17,6 +17,8 @@ classifier on its own tokenizer, and a reward_func file reading the dataset's la
   `--algo.advantage.is_correction_level token`) stays below 1e-3 after the policy moved: the weights
   really reached vLLM.
 - backbone 1 through OpenRLHF's own `python -m openrlhf.cli.train_ppo_ray` with patches/ applied.
+- backbone 2 completes the soup and merges it; on CPU it runs as ProRL-v2's async REINFORCE++-baseline
+  recipe, with the GPU recipes' speed/memory options that --cpu turns off.
 - then `merge` at three preferences and `evaluate` through its vLLM branch.
 - backbone 0 resumed from its checkpoints continues the running statistics; on CPU it runs with the sync
   dropped inside vLLM, and the check above shows the gap.
@@ -57,6 +59,8 @@ for group in ("actor", "ref", "critic", "reward"):
 # What OpenRLHF 0.11's RL recipes (examples/scripts) add for GPU speed and memory; --cpu turns each off.
 GPU_RECIPE_OPTIONS = ["--ds.packing_samples", "--train.dynamic_batch_enable", "--train.max_tokens_per_gpu", "4096"]
 GPU_RECIPE_OPTIONS += ["--vllm.enable_sleep", "--ds.enable_sleep", "--vllm.sync_backend", "nccl"]
+# ProRL-v2's async REINFORCE++-baseline (examples/scripts): rollouts of step k+1 generated while step k trains.
+ASYNC_RECIPE = ["--train.async_enable", "--rollout.n_samples_per_prompt", "2"]
 
 
 def argv(models: dict, out: Path, index: int, tb: Path, steps: int) -> list[str]:
@@ -115,9 +119,14 @@ def recipe(models, tmp_path_factory) -> dict:
     path = os.pathsep.join([str(patched), os.environ.get("PYTHONPATH", "")])
     launch([*upstream, *argv(models, root, 1, root / "tb1", steps=2)], root / "backbone1.log", {"PYTHONPATH": path})
     # The last backbone's launch completes the soup: its post-training hook merges two preferences. On CPU it
-    # also carries the speed/memory options of upstream's GPU recipes, which --cpu turns off, one line each.
-    merging = ["--merge_preferences", "1,0,0;0,0,1", *([] if CUDA else GPU_RECIPE_OPTIONS)]
-    launch([*OURS, *argv(models, root, 2, root / "tb2", steps=2), *merging], root / "backbone2.log")
+    # also runs as ProRL-v2's async recipe does (ASYNC_RECIPE), with the speed/memory options of upstream's GPU
+    # recipes, which --cpu turns off, one line each. (Upstream refuses async beside the one-GPU hybrid
+    # engine's --vllm.enable_sleep.)
+    last = argv(models, root, 2, root / "tb2", steps=2)
+    if not CUDA:
+        last[last.index("--algo.advantage.estimator") + 1] = "reinforce_baseline"
+        last += [*GPU_RECIPE_OPTIONS, *ASYNC_RECIPE]
+    launch([*OURS, *last, "--merge_preferences", "1,0,0;0,0,1"], root / "backbone2.log")
     return {"root": root, "models": models}
 
 
@@ -189,6 +198,7 @@ def test_the_last_launch_merges_the_soup_after_training(recipe):
         for option in ("ds.packing_samples", "train.dynamic_batch_enable", "vllm.enable_sleep", "ds.enable_sleep"):
             assert said[option] == ("False", "True"), said
         assert said["vllm.sync_backend"] == ("gloo", "nccl")
+        assert "(PPOTrainerAsync pid=" in log and "(GenerateSamplesActor pid=" in log  # upstream's async trainer
 
 
 def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):

@@ -172,7 +172,7 @@ def test_dry_run_prints_the_plan(tiny, capsys):
     [
         (["--reward_combiner", "bonesoup", "--beta", "0.7"], "needs --backbone_index"),
         (["--beta", "0.7"], "--reward_combiner is required"),
-        ([*OURS, "--train.agent_func_path", "agent.py"], "--train.agent_func_path replaces the reward"),
+        ([*OURS, "--train.agent_func_path", "agent.py"], "OpenRLHF builds no reward model group for agents"),
         ([*OURS, "--algo.dynamic_filtering_enable"], "include models scored later by the reward actors"),
         ([*OURS, "--eval.dataset", "e.jsonl"], "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only"),
         ([*OURS, "--objectives", "x.yaml"], "give the objectives once"),
@@ -216,6 +216,15 @@ def test_dynamic_filtering_runs_on_the_reward_func_route_with_fixed_normalisatio
                                            "- {url: 'http://10.0.0.9:5001/get_reward'}\n")  # fmt: skip
     code, _, err = run_main(openrlhf_argv(tiny, "--objectives", str(tmp_path / "running.yaml"), *OURS, *flags), capsys)
     assert code == 2 and "never see the trainer's running statistics" in err and "\n" not in err
+
+
+def test_an_agent_launch_takes_the_reward_func_route(tiny, tmp_path):
+    (tmp_path / "o.yaml").write_text(
+        "- {url: 'http://10.0.0.9:5000/get_reward'}\n- {url: 'http://10.0.0.9:5001/get_reward'}\n"
+    )
+    agent = ["--train.agent_func_path", str(tmp_path / "agent.py")]
+    plan, args = launcher.resolve(openrlhf_argv(tiny, "--objectives", str(tmp_path / "o.yaml"), *OURS, *agent))
+    assert plan["bonesoup"]["route"] == "reward_func" and args.train.agent_func_path == agent[1]
 
 
 def test_an_unknown_flag_is_openrlhfs_parser_error_in_one_line(tiny, capsys):

@@ -9,6 +9,9 @@
 #   LAUNCH=dropin    python3 -m openrlhf_bonesoup.cli.train_ppo_ray (OpenRLHF unmodified)
 #   LAUNCH=patched   python3 -m openrlhf.cli.train_ppo_ray (OpenRLHF with patches/openrlhf-0.11.2-bonesoup.patch)
 #   COMBINER=single  Rewarded Soup's baseline instead: backbone j trained on r_j alone (a soup with B = I)
+#   ALGO=ppo         PPO with a GAE critic (the paper's); grpo: GRPO (group_norm, 8 samples per prompt, k3
+#                    KL loss); reinforce_baseline: REINFORCE++-baseline (4 samples, k2 KL loss), as
+#                    OpenRLHF's own recipes run them; no critic for either
 #
 # Before: `ray start --head` (and workers); the plugin installed on every node; the SFT model and the
 # reward models downloaded (examples/README.md); prompts from prepare_prompts.py. $SOUP, the checkpoints
@@ -20,6 +23,7 @@ parse_args "$@"
 SETTING=${SETTING:-hh}
 LAUNCH=${LAUNCH:-dropin}
 COMBINER=${COMBINER:-bonesoup}
+ALGO=${ALGO:-ppo}
 BETA=${BETA:-0.7}                              # diagonal of B; the paper picks it from {0.6, 0.7, 0.8}
 SFT=${SFT:-$PWD/models/llama-2-7b-sft-$SETTING}  # policy init, critic init and the soup's SFT model
 DATA=${DATA:-$PWD/data}                        # prepare_prompts.py output
@@ -37,9 +41,20 @@ case "$LAUNCH" in
     patched) MODULE=openrlhf.cli.train_ppo_ray ;;
     *) echo "LAUNCH must be dropin or patched, got $LAUNCH" >&2; exit 2 ;;
 esac
+# Each algorithm's own flags; the rest of the launch is shared. Rollouts per step stay 1024 samples.
+case "$ALGO" in
+    ppo) ALGO_FLAGS=(--critic.num_nodes 1 --critic.num_gpus_per_node 8 --critic.model_name_or_path "$SFT"
+        --critic.adam.lr 9e-6 --rollout.batch_size 1024 --rollout.n_samples_per_prompt 1 --algo.kl.init_coef 0.01) ;;
+    grpo) ALGO_FLAGS=(--algo.advantage.estimator group_norm --rollout.batch_size 128 --rollout.n_samples_per_prompt 8
+        --algo.kl.use_loss --algo.kl.estimator k3 --algo.kl.init_coef 1e-3) ;;
+    reinforce_baseline) ALGO_FLAGS=(--algo.advantage.estimator reinforce_baseline --rollout.batch_size 256
+        --rollout.n_samples_per_prompt 4 --algo.kl.use_loss --algo.kl.estimator k2 --algo.kl.init_coef 1e-4) ;;
+    *) echo "ALGO must be ppo, grpo or reinforce_baseline, got $ALGO" >&2; exit 2 ;;
+esac
+SUFFIX=$([ "$ALGO" = ppo ] && echo "" || echo "_$ALGO")
 case "$COMBINER" in
-    bonesoup) SOUP=${SOUP:-$PWD/soups/${SETTING}_bone_soup_b$BETA} ;;
-    single) SOUP=${SOUP:-$PWD/soups/${SETTING}_rewarded_soup} ;;
+    bonesoup) SOUP=${SOUP:-$PWD/soups/${SETTING}_bone_soup_b$BETA$SUFFIX} ;;
+    single) SOUP=${SOUP:-$PWD/soups/${SETTING}_rewarded_soup$SUFFIX} ;;
     *) echo "COMBINER must be bonesoup or single, got $COMBINER" >&2; exit 2 ;;
 esac
 
@@ -57,8 +72,6 @@ for j in 0 1; do
         --ref.num_gpus_per_node 8 \
         --reward.num_nodes 1 \
         --reward.num_gpus_per_node 8 \
-        --critic.num_nodes 1 \
-        --critic.num_gpus_per_node 8 \
         --actor.num_nodes 1 \
         --actor.num_gpus_per_node 8 \
         --vllm.num_engines 4 \
@@ -66,7 +79,6 @@ for j in 0 1; do
         --train.colocate_all \
         --vllm.gpu_memory_utilization 0.5 \
         --actor.model_name_or_path "$SFT" \
-        --critic.model_name_or_path "$SFT" \
         --objectives "$OBJECTIVES" \
         "${REWARD[@]}" \
         --soup_dir "$SOUP" \
@@ -74,8 +86,6 @@ for j in 0 1; do
         --ckpt.output_dir "$SOUP/backbone$j" \
         --ckpt.path "$SOUP/ds_ckpt/backbone$j" \
         --train.batch_size 128 \
-        --rollout.batch_size 1024 \
-        --rollout.n_samples_per_prompt 1 \
         --train.max_epochs 1 \
         --data.max_len $((512 + MAX_NEW_TOKENS)) \
         --rollout.max_new_tokens "$MAX_NEW_TOKENS" \
@@ -83,8 +93,7 @@ for j in 0 1; do
         --ds.zero_stage 3 \
         --ds.param_dtype bf16 \
         --actor.adam.lr 5e-7 \
-        --critic.adam.lr 9e-6 \
-        --algo.kl.init_coef 0.01 \
+        "${ALGO_FLAGS[@]}" \
         --data.prompt_dataset "$DATA/${SETTING}_train.jsonl" \
         --data.input_key input \
         --actor.gradient_checkpointing_enable \

@@ -375,9 +375,10 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
 def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
     """Upstream options that would replace, skip or silently miscompute the composite reward: refused
     here, before Ray starts, instead of discovered after training."""
-    if args.train.agent_func_path:
+    if args.train.agent_func_path and route == worker.ROUTE_ACTORS:
         raise BoneSoupError(
-            "--train.agent_func_path replaces the reward with the agent's own: it cannot train a Bone Soup backbone"
+            "--train.agent_func_path: OpenRLHF builds no reward model group for agents, and these objectives "
+            "include models; score agent episodes with reward_func files and endpoints"
         )
     # Upstream's filter (samples_generator.py, _generate_vllm) reads each rollout's `scores`, set in the rollout
     # worker. On the reward_func route our file sets them to h_j, combined as the trainer combines (fixed

@@ -17,6 +17,10 @@ module it patches (a one-shot import finder, imports.py), in exactly the process
 - `SingleTurnAgentExecutor.execute` (the vLLM rollout processes): upstream catches and only logs
   every exception of a remote reward / `reward_func`, leaving the reward None. The patch turns a
   missing reward into an error, so a failing endpoint stops training instead of vanishing.
+- `_load_agent_executor` (the vLLM rollout processes), agents only (`--train.agent_func_path`): the agent runs
+  its episodes as upstream runs them; its executor's `execute` is wrapped so that the objectives (reward_func
+  files, endpoints: our reward_func file) score each final trajectory, as they score a single-turn rollout.
+  h_j replaces the agent's own reward, which is kept in the log as `agent_reward`.
 - `ActorPPOTrainer.broadcast_to_vllm` (the policy actors), LoRA only (`--ds.lora.rank`): upstream sends
   the PEFT model's own parameters (`base_model.model...base_layer.weight`, `lora_A`, `lora_B`, fp32
   under ZeRO 3), which vLLM cannot load. The patch has upstream's loop send what vLLM loads instead:
@@ -52,6 +56,7 @@ def setup() -> None:
     on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
     on_import("openrlhf.trainer.ppo_trainer", _patch_trainer)
     on_import("openrlhf.utils.agent", _patch_agent)
+    on_import("openrlhf.trainer.ray.vllm_engine", _patch_agent_loader)
     on_import("openrlhf.trainer.ray.ppo_actor", _patch_lora_sync)
 
 
@@ -175,6 +180,41 @@ def _patch_agent(module: ModuleType) -> None:
 
     execute.bonesoup = True
     cls.execute = execute
+
+
+def _patch_agent_loader(module: ModuleType) -> None:
+    upstream = module._load_agent_executor
+    if getattr(upstream, "bonesoup", False):
+        return
+
+    def load_agent_executor(agent_func_path: str):
+        executor = upstream(agent_func_path)
+        if CONFIG_ENV in os.environ:  # a Bone Soup launch (the launcher refuses agents with model objectives)
+            executor.execute = _scored_by_objectives(executor.execute)  # this instance only: any executor class
+        return executor
+
+    load_agent_executor.bonesoup = True
+    module._load_agent_executor = load_agent_executor
+
+
+def _scored_by_objectives(execute):
+    """An agent executor's `execute` whose reward is h_j of the episode's final trajectory (prompt, actions and
+    environment feedback, decoded with special tokens as OpenRLHF decodes a single-turn query)."""
+    import asyncio
+
+    async def scored(*, prompt, label, hf_tokenizer, **kwargs):
+        from openrlhf_bonesoup.integration import reward_func
+
+        output = await execute(prompt=prompt, label=label, hf_tokenizer=hf_tokenizer, **kwargs)
+        query = hf_tokenizer.decode(output["observation_tokens"], skip_special_tokens=False)
+        result = await asyncio.to_thread(reward_func.reward_func, [query], [prompt], [label])
+        h = result["rewards"][0].item()
+        logs = {**(output.get("extra_logs") or {}), **result["extra_logs"]}
+        if output.get("reward") is not None:
+            logs["agent_reward"] = float(output["reward"])
+        return {**output, "reward": h, "scores": h, "extra_logs": logs}
+
+    return scored
 
 
 def _patch_lora_sync(module: ModuleType) -> None:
