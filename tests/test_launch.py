@@ -51,7 +51,8 @@ NAMES = ["helpful", "polite", "bonus"]
 ROW0 = [0.7, 0.15, 0.15]  # row 0 of B(0.7) for n = 3
 SYNC_GAP = 1e-3
 OURS = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]  # the plugin's launcher
-# One GPU: OpenRLHF's hybrid engine (every group and vLLM on it, sleep modes), as on a small GPU box.
+# One GPU: OpenRLHF's hybrid engine (every group and vLLM on it, sleep modes), as on a small GPU box. On CPU
+# backbone 0 runs colocated too (--train.colocate_all: one placement group; vLLM synced over gloo).
 GPU_ARGS = ["--train.colocate_all", "--vllm.gpu_memory_utilization", "0.3", "--vllm.enable_sleep"]
 GPU_ARGS += ["--ds.enable_sleep", "--ds.attn_implementation", "sdpa"]
 for group in ("actor", "ref", "critic", "reward"):
@@ -109,7 +110,8 @@ def recipe(models, tmp_path_factory) -> dict:
     models = {**models, "objectives": root / "objectives.json"}
     models["objectives"].write_text(json.dumps(specs))
     ckpt = ["--ckpt.path", str(root / "ckpt"), "--ckpt.save_steps", "1"]
-    launch([*OURS, *argv(models, root, 0, root / "tb0", steps=3), *ckpt], root / "backbone0.log")
+    colocated = [] if CUDA else ["--train.colocate_all"]  # GPU_ARGS holds it on a GPU
+    launch([*OURS, *argv(models, root, 0, root / "tb0", steps=3), *ckpt, *colocated], root / "backbone0.log")
 
     # Backbone 1 through OpenRLHF's own launcher, patched: a copy of the installed package first on the path.
     patched = root / "patched"
@@ -231,15 +233,22 @@ def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):
 
 
 def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
-    """No model objective: the rollout workers score through the plugin's reward_func file (labels read
-    from the dataset); ZeRO 3 shards a LoRA policy (`--ds.lora.rank`), whose weight sync OpenRLHF 0.11.2
-    cannot do alone (worker._patch_lora_sync). Backbone 0 trains, vLLM gets its merged weights, the
-    adapter is registered, and the log holds the combination."""
-    length = tmp_path / "length.py"
-    length.write_text("def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n")
-    objectives = tmp_path / "objectives.json"
-    objectives.write_text(json.dumps([{"name": "bonus", "path": str(models["reward_func"])}, {"path": str(length)}]))
-    args = argv({**models, "objectives": objectives}, tmp_path, 0, tmp_path / "tb", steps=2)
+    """DAPO's recipe shape (group_norm, 2 samples per prompt, dynamic filtering) with its reward functions
+    given upstream's way, `--reward.remote_url bonus.py,length.py`: no model objective, so the rollout workers
+    score through the plugin's reward_func file (labels read from the dataset); ZeRO 3 shards a LoRA policy
+    (`--ds.lora.rank`), whose weight sync OpenRLHF 0.11.2 cannot do alone (worker._patch_lora_sync).
+    Backbone 0 trains, vLLM gets its merged weights, the adapter is registered, and the log holds the
+    combination. (The filter's own effect on h_j: test_integration_ray.py; here its range keeps every group.)"""
+    (tmp_path / "bonus.py").write_text(models["reward_func"].read_text())
+    (tmp_path / "length.py").write_text(
+        "def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n"
+    )
+    args = argv(models, tmp_path, 0, tmp_path / "tb", steps=2)
+    del args[args.index("--objectives") : args.index("--objectives") + 2]
+    args += ["--reward.remote_url", f"{tmp_path / 'bonus.py'},{tmp_path / 'length.py'}"]
+    args[args.index("--algo.advantage.estimator") + 1] = "group_norm"
+    args += ["--rollout.n_samples_per_prompt", "2", "--algo.dynamic_filtering_enable"]
+    args += ["--algo.dynamic_filtering_range", "-10", "10"]
     args[args.index("--ds.zero_stage") + 1] = "3"
     args += ["--ds.lora.rank", "8", "--ds.lora.alpha", "16"]
     # LoRA at ten times full fine-tuning's rate, as LoRA recipes run: step 1 must move the policy well beyond
@@ -247,7 +256,8 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
     # the distance to the reference once came out at -7e-4, inside the gap (CI, 2026-12-07).
     args[args.index("--actor.adam.lr") + 1] = "1e-1"
     plan = json.loads(subprocess.run([*OURS, *args, "--dry_run"], capture_output=True, text=True, timeout=300).stdout)
-    assert plan["bonesoup"]["route"] == "reward_func"
+    assert plan["bonesoup"]["route"] == "reward_func" and plan["critic.model_name_or_path"] is None
+    assert [o["name"] for o in plan["bonesoup"]["objectives"]] == ["bonus", "length"]  # upstream's order, file stems
     launch([*OURS, *args], tmp_path / "log")
 
     backbone = tmp_path / "backbone0"
@@ -257,12 +267,17 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
     for step in (1, 2):
         values = [logs[f"train/reward/{name}"][step] for name in ("bonus", "length")]
         assert logs["train/reward"][step] == pytest.approx(0.7 * values[0] + 0.3 * values[1], rel=1e-4, abs=1e-5)
+        # upstream's filter ran and kept every group: its rate is samples kept per prompt drawn, x 100 (2 per prompt)
+        assert logs["train/dynamic_filtering_pass_rate"][step] == 200.0
     # LoRA's B starts at zero: step 2's rollouts are the first from a moved policy, generated by vLLM
     # from the merged weights the sync sent after step 1. Had vLLM kept its start (= the reference), its
     # log-probs would differ from the actor's as the reference's do: train/vllm_kl = -train/kl (k1, a
-    # per-sample estimate of either sign), which is far from zero.
-    assert abs(logs["train/kl"][2]) > 3 * SYNC_GAP, "the LoRA policy did not move"  # 1.3e-2 measured
-    assert abs(logs["train/vllm_kl"][2]) < SYNC_GAP, logs["train/vllm_kl"]
+    # per-sample estimate of either sign), which is far from zero. vLLM runs W + s B A rounded once to bf16,
+    # the actor W x + s B A x: their gap grows with the adapter (2e-3 at train/kl 9e-2, 2026-12-07), so it is
+    # bounded relative to the distance from the reference.
+    kl, vllm_kl = logs["train/kl"][2], logs["train/vllm_kl"][2]
+    assert abs(kl) > 3 * SYNC_GAP, "the LoRA policy did not move"
+    assert abs(vllm_kl) < abs(kl) / 10, logs["train/vllm_kl"]
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,8 @@ def test_dry_run_prints_the_plan(tiny, capsys):
         ([*OURS, "--train.agent_func_path", "agent.py"], "OpenRLHF builds no reward model group for agents"),
         ([*OURS, "--algo.dynamic_filtering_enable"], "include models scored later by the reward actors"),
         ([*OURS, "--eval.dataset", "e.jsonl"], "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only"),
+        ([*OURS, "--ds.lora.rank", "8", "--ds.tensor_parallel_size", "2"], "does not gather tensor-parallel shards"),
+        ([*OURS, "--ds.lora.rank", "8", "--ds.load_in_4bit"], "4-bit base's packed bytes"),
         ([*OURS, "--objectives", "x.yaml"], "give the objectives once"),
         ([*OURS, "--objectives", "x.yaml", "--reward.remote_url", "r.py"], "give the objectives once"),
         (["--reward_combiner", "linear", "--reward_weights", "0.5,0.5", "--soup_dir", "s"], "needs --reward_combiner"),

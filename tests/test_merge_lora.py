@@ -124,7 +124,7 @@ def test_a_lora_policy_sends_vllm_the_merged_weights_under_hf_names(lora):
     """integration/worker.vllm_weights: what a LoRA policy's weight sync sends vLLM (OpenRLHF 0.11.2 sends the
     PEFT parameters themselves, which vLLM cannot load): exactly the HF model's parameters, each adapted one
     equal to base + s B A computed independently (fan_in_fan_out on GPT-2)."""
-    from openrlhf_bonesoup.integration.worker import vllm_weights
+    from openrlhf_bonesoup.integration.worker import MergedWeight, vllm_weights
 
     base = AutoModelForCausalLM.from_pretrained(str(lora["base"]))
     names = [name for name, _ in base.named_parameters()]
@@ -132,8 +132,22 @@ def test_a_lora_policy_sends_vllm_the_merged_weights_under_hf_names(lora):
     sent = vllm_weights(policy, zero3=False)
     assert [name for name, _ in sent] == names
     want = dict(expected_model(lora["base"], [lora["adapters"][1]], [1.0]).named_parameters())
-    for name, tensor in sent:
+    untouched = dict(AutoModelForCausalLM.from_pretrained(str(lora["base"])).named_parameters())
+    merged = [(name, weight) for name, weight in sent if isinstance(weight, MergedWeight)]
+    assert len(merged) >= 8  # the adapted layers
+    for name, weight in sent:
+        if isinstance(weight, MergedWeight):  # built only while upstream's loop holds it, freed after
+            assert weight.data is None and (weight.shape, weight.dtype) == (want[name].shape, want[name].dtype)
+            with weight.gathered():
+                tensor = weight.data
+                assert not torch.equal(tensor, untouched[name])
+            assert weight.data is None
+        else:
+            tensor = weight
         assert tensor.dtype == want[name].dtype
         torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=name)
-    untouched = dict(AutoModelForCausalLM.from_pretrained(str(lora["base"])).named_parameters())
-    assert sum(not torch.equal(tensor, untouched[name]) for name, tensor in sent) >= 8  # the adapted layers
+    with merged[0][1].gathered():  # grad-free: no autograd graph held while it is sent
+        assert not merged[0][1].data.requires_grad
+    idle = vllm_weights(policy, zero3=False, build=False)  # a rank that sends nothing builds nothing
+    with dict(idle)[merged[0][0]].gathered() as weight:
+        assert weight.data is None

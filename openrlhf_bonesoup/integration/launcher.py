@@ -393,6 +393,18 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
             "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only, and these objectives include models "
             "scored by the reward actors; evaluate soups with `openrlhf-bonesoup evaluate` instead"
         )
+    # The plugin's LoRA weight sync (worker._patch_lora_sync) sends vLLM W + s B A built from the base weight:
+    # a DeepSpeed tensor-parallel shard is gathered by another path, and a 4-bit base is packed bytes, not W.
+    if args.ds.lora.rank > 0 and args.ds.tensor_parallel_size > 1:
+        raise BoneSoupError(
+            "--ds.lora.rank with --ds.tensor_parallel_size > 1: the LoRA weight sync to vLLM does not gather "
+            "tensor-parallel shards; use ZeRO (--ds.zero_stage 3) to shard a LoRA policy"
+        )
+    if args.ds.lora.rank > 0 and args.ds.load_in_4bit:
+        raise BoneSoupError(
+            "--ds.lora.rank with --ds.load_in_4bit (QLoRA): the weight sync to vLLM would send the 4-bit base's "
+            "packed bytes as weights; train the adapter on a 16-bit base"
+        )
     running = [s["name"] for s in specs if s["normalize"] == "running"]
     if args.algo.dynamic_filtering_enable and running:
         raise BoneSoupError(
