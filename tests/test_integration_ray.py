@@ -232,16 +232,19 @@ AGENT = """import torch
 from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
 
 
-class AgentInstance(AgentInstanceBase):
+class AgentInstance(AgentInstanceBase):  # two turns: the environment answers each, rewards 5 then 2
     def __init__(self, *args, **kwargs):
-        pass
+        self.turn = 0
 
     async def reset(self, states, **kwargs):
         return {"observation": states["observation"]}
 
-    async def step(self, states, **kwargs):  # one turn; the environment answers, rewards 5 and ends the episode
-        return {"rewards": torch.tensor(5.0), "scores": torch.tensor(1.0), "environment_feedback": " Checked.",
-                "done": True, "sampling_params": states["sampling_params"], "extra_logs": {}}
+    async def step(self, states, **kwargs):
+        self.turn += 1
+        done = self.turn == 2
+        return {"rewards": torch.tensor(5.0 if self.turn == 1 else 2.0), "scores": torch.tensor(1.0),
+                "environment_feedback": " Checked." if done else " Again:", "done": done,
+                "sampling_params": states["sampling_params"], "extra_logs": {}}
 
 
 class AgentExecutor(MultiTurnAgentExecutor):
@@ -253,9 +256,9 @@ LENGTH = "def reward_func(queries, prompts, labels):\n    return [len(q) / 100 f
 
 def test_an_agents_episodes_are_scored_by_the_objectives(cluster, tiny, tiny_gpu, tmp_path):
     """`--train.agent_func_path` on the reward_func route: OpenRLHF's vLLM engine actor loads the agent file, runs
-    its episode (the environment's feedback appended to the trajectory), and the worker hook has the objectives
-    score the final trajectory: reward and score are h_0 = 0.7 length + 0.3 keep, the agent's own reward is
-    only logged."""
+    its two-turn episode (each turn ends at a vowel; the environment's feedback appended to the trajectory),
+    and the worker hook has the objectives score the final trajectory: reward and score are
+    h_0 = 0.7 length + 0.3 keep, the agent's own reward is only logged."""
     for name, code in (("agent", AGENT), ("length", LENGTH), ("keep", KEEP)):
         (tmp_path / f"{name}.py").write_text(code)
     specs = [{"name": name, "path": str(tmp_path / f"{name}.py")} for name in ("length", "keep")]
@@ -274,19 +277,20 @@ def test_an_agents_episodes_are_scored_by_the_objectives(cluster, tiny, tiny_gpu
     try:
         outputs = ray.get(
             engine.generate_responses.remote(
-                PROMPTS[0][0], "keep", SamplingParams(max_tokens=6, temperature=0.0), 64, tokenizer, 2
+                PROMPTS[0][0], "keep", SamplingParams(temperature=0.0, stop=list("aeiou")), 64, tokenizer, 2
             )
         )
     finally:
         ray.kill(engine)
     for output in outputs:
         query = tokenizer.decode(output["observation_tokens"], skip_special_tokens=False)
-        assert query.startswith(PROMPTS[0][0]) and query.endswith(" Checked.")  # the whole episode
+        assert query.startswith(PROMPTS[0][0]) and query.endswith(" Checked.")  # the whole episode, both turns
+        assert query.count(" Again:") == 1 and len(output["action_ranges"]) == 2
         assert output["reward"] == pytest.approx(0.7 * len(query) / 100 + 0.3 * 1.0, rel=1e-6)
         assert output["scores"] == output["reward"]
         logs = output["extra_logs"]
         assert logs["reward_raw/length"] == pytest.approx(len(query) / 100) and logs["reward_raw/keep"] == 1.0
-        assert logs["agent_reward"] == 5.0  # logged, not trained on
+        assert logs["agent_reward"] == 7.0  # the episode's sum, logged, not trained on
 
 
 # --- each objective's own attention, beside OpenRLHF's default flags --------------------------------
