@@ -52,7 +52,7 @@ ROW0 = [0.7, 0.15, 0.15]  # row 0 of B(0.7) for n = 3
 SYNC_GAP = 1e-3
 OURS = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]  # the plugin's launcher
 # One GPU: OpenRLHF's hybrid engine (every group and vLLM on it, sleep modes), as on a small GPU box. On CPU
-# backbone 0 runs colocated too (--train.colocate_all: one placement group; vLLM synced over gloo).
+# backbone 1 runs colocated too (--train.colocate_all: one placement group; vLLM synced over gloo).
 GPU_ARGS = ["--train.colocate_all", "--vllm.gpu_memory_utilization", "0.3", "--vllm.enable_sleep"]
 GPU_ARGS += ["--ds.enable_sleep", "--ds.attn_implementation", "sdpa"]
 for group in ("actor", "ref", "critic", "reward"):
@@ -110,8 +110,7 @@ def recipe(models, tmp_path_factory) -> dict:
     models = {**models, "objectives": root / "objectives.json"}
     models["objectives"].write_text(json.dumps(specs))
     ckpt = ["--ckpt.path", str(root / "ckpt"), "--ckpt.save_steps", "1"]
-    colocated = [] if CUDA else ["--train.colocate_all"]  # GPU_ARGS holds it on a GPU
-    launch([*OURS, *argv(models, root, 0, root / "tb0", steps=3), *ckpt, *colocated], root / "backbone0.log")
+    launch([*OURS, *argv(models, root, 0, root / "tb0", steps=3), *ckpt], root / "backbone0.log")
 
     # Backbone 1 through OpenRLHF's own launcher, patched: a copy of the installed package first on the path.
     patched = root / "patched"
@@ -119,7 +118,12 @@ def recipe(models, tmp_path_factory) -> dict:
     subprocess.run(["patch", "-s", "-p1", "-i", str(PATCH)], cwd=patched, check=True)
     upstream = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
     path = os.pathsep.join([str(patched), os.environ.get("PYTHONPATH", "")])
-    launch([*upstream, *argv(models, root, 1, root / "tb1", steps=2)], root / "backbone1.log", {"PYTHONPATH": path})
+    colocated = [] if CUDA else ["--train.colocate_all"]  # GPU_ARGS holds it on a GPU
+    launch(
+        [*upstream, *argv(models, root, 1, root / "tb1", steps=2), *colocated],
+        root / "backbone1.log",
+        {"PYTHONPATH": path},
+    )
     # The last backbone's launch completes the soup: its post-training hook merges two preferences. On CPU it
     # also runs as ProRL-v2's async recipe does (ASYNC_RECIPE), with the speed/memory options of upstream's GPU
     # recipes, which --cpu turns off, one line each. (Upstream refuses async beside the one-GPU hybrid
