@@ -66,6 +66,17 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     return 0 if torch.cuda.is_available() else 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _environment_per_file():
+    """Each test file starts from the environment the session started with. Commands run in-process set
+    variables for the libraries they import (the CLI sets VLLM_LOGGING_LEVEL=ERROR before vLLM is imported);
+    kept, they reached a later file's launches through their subprocesses (vLLM's INFO lines went missing)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """Tiny checkpoints, built once per session:
