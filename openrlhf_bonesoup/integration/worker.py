@@ -242,7 +242,9 @@ def _patch_lora_sync(module: ModuleType) -> None:
         gather = deepspeed.zero.GatheredParameters
         model.named_parameters = lambda *args, **kwargs: iter(weights)
         deepspeed.zero.GatheredParameters = lambda params, *args, **kwargs: (
-            params[0].gathered() if isinstance(params[0], MergedWeight) else gather(params, *args, **kwargs)
+            params[0].gathered()
+            if isinstance(params, list) and params and isinstance(params[0], MergedWeight)
+            else gather(params, *args, **kwargs)
         )
         try:
             return upstream(self)
