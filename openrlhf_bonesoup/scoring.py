@@ -10,8 +10,11 @@ policy's special tokens and re-encoded with its own tokenizer (OpenRLHF RMs in t
 OpenRLHF's RewardDataset: `text + " " + eos`, eos forced last). HTTP and function objectives get
 OpenRLHF's own query text (the decode with special tokens kept), the prompt and the dataset label.
 
-HTTP requests use urllib from the stdlib, one POST per batch and endpoint, endpoints concurrently in
-threads, each call bounded by its `deadline` (retries and backoff included).
+HTTP requests use urllib from the stdlib: one POST per `raw_scores` call and endpoint, holding every
+sample of the call, endpoints concurrently in threads, each bounded by its `deadline` (retries and
+backoff included). A reward actor calls it once per micro-batch, `score` and `evaluate` once per batch
+of texts; on the reward_func route upstream calls `reward_func` one sample at a time
+(integration/reward_func.py), so there it is one POST per sample and endpoint.
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def _call_function(o: Objective, queries: list[str], prompts: list, labels: list
 
 
 def _call_http(o: Objective, queries: list[str], prompts: list, labels: list) -> np.ndarray:
-    """POST the batch; retry with backoff, all within the objective's deadline; raise, never a silent zero."""
+    """POST these samples at once; retry with backoff, all within the objective's deadline; raise, never a
+    silent zero."""
     retries = o.spec.get("retries", DEFAULT_RETRIES)
     deadline = time.monotonic() + o.spec.get("deadline", DEFAULT_DEADLINE)
     data = json.dumps({"query": queries, "prompts": prompts, "labels": labels}).encode()

@@ -13,9 +13,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UV_VERSION=0.13.9
 
-# The CPU recipe's pins (scripts/install-cpu.sh), plus the test tools and this plugin; the plugin's
-# own dependencies (numpy, scipy, moocore, ...) come with it. fastapi and uvicorn are not pinned here:
-# vllm 0.29.0 needs fastapi < 0.137, and the resolver picks versions both sets accept.
+# The `user` set of scripts/install-cpu.sh (tests/test_repo.py checks it), plus the test tools and this
+# plugin; the plugin's own dependencies (numpy, scipy, moocore, ...) come with it. fastapi and uvicorn
+# are not pinned here: vllm 0.29.0 needs fastapi < 0.137, and the resolver picks versions both sets accept.
 STACK=(openrlhf==0.11.2 deepspeed==0.19.6 "ray[default]==2.55.0" transformers==5.15.0 flash-attn==2.8.3
     accelerate datasets peft einops jsonlines loralib optree packaging tensorboard torchdata torchmetrics tqdm
     aiohttp "grpcio>=1.74.0" "huggingface-hub>=1.0.0" pylatexenc sympy "pynvml>=12.0.0" safetensors

@@ -104,6 +104,14 @@ def test_running_constant_score_gives_finite_zero_rewards():
     assert values.tolist() == [[0.0, 0.0]] and reward.tolist() == [0.0]
 
 
+def test_running_tiny_but_real_spread_is_normalised_to_unit_size():
+    """The floor on std only guards a spread of zero: scores 0 and 2e-7 (mean 1e-7, population std 1e-7,
+    by hand) normalise to -1 and +1 like any others; a floor of 1e-6 would shrink them to -0.1 and +0.1."""
+    combination = combiners.Combination(specs("running"), [1.0])
+    reward, _ = combination(np.array([[0.0], [2e-7]]))
+    np.testing.assert_allclose(reward, [-1.0, 1.0], rtol=1e-9)
+
+
 def test_update_false_after_one_sample_keeps_std_1():
     """One sample seen: its mean is that sample, but one value has no spread, so the standard deviation
     stays at its start value 1 until a second sample arrives: (5 - 3) / 1 = 2 by hand."""

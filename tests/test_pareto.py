@@ -112,6 +112,26 @@ def test_win_interval_ties_lost_to_round_off_still_win():
     assert evaluate.win_interval(prefs, ours, np.array([same, [0.8, 0.3], same])) == [0.0, 0.0]
 
 
+def test_win_interval_tolerance_is_1e_9_absolute_below_1_and_relative_above():
+    """The tolerance's size pinned from both sides. Near a score of 0 it is 1e-9 absolute: a decimal tie
+    whose float sum lands ~1e-10 below 0 is a win (no tolerance, or one relative to |0|, calls it a loss).
+    A real loss of 3e-9 near 0.35, or of 3e-9 relative near 5e7, stays a loss (a tolerance of 1e-8 or more
+    would call it a win). Expected intervals by hand: [0, 1] for a win in the middle, else [0, 0]."""
+    prefs = np.array([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0]])
+    same = [1.0, 1.0]
+    # 0.1 * 9000007.2 + 0.9 * -1000000.8 = 900000.72 - 900000.72 = 0 in decimal; in floats ~1.2e-10 below 0
+    assert -1e-9 < 0.1 * 9000007.2 + 0.9 * -1000000.8 < -1e-11
+    ours, theirs = np.array([same, [9000007.2, -1000000.8], same]), np.array([same, [0.0, 0.0], same])
+    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 1.0]
+    # -0.1 * (1 + 3e-8) + 0.45 = 0.35 - 3e-9 against 0.08 + 0.27 = 0.35: a loss
+    ours, theirs = np.array([same, [-1.0 - 3e-8, 0.5], same]), np.array([same, [0.8, 0.3], same])
+    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 0.0]
+    # near -54257199.55: 1.5 less on objective 1 is 0.15 less at mu_1 = 0.1, 2.8e-9 of the score: a loss
+    ours = np.array([same, [127091000.0 - 1.5, -74406999.5], same])
+    theirs = np.array([same, [128702000.0, -74585999.5], same])
+    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 0.0]
+
+
 def test_summarise_mean_sem_front():
     samples = [np.array([[1.0, 4.0], [3.0, 6.0]]), np.array([[0.0, 0.0], [0.0, 2.0]]), np.array([[5.0, 1.0]])]
     prefs = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
