@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import importlib.abc
 import importlib.util
 import json
 import logging
@@ -40,7 +39,7 @@ from typing import Any
 
 from openrlhf_bonesoup import coefficients, combiners, objectives, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.integration import cpu, worker
+from openrlhf_bonesoup.integration import cpu, imports, worker
 
 UPSTREAM = "openrlhf.cli.train_ppo_ray"
 PROG = "python -m openrlhf_bonesoup.cli.train_ppo_ray"
@@ -113,19 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_deepspeed()
         print(build_parser().format_help())
         print("OpenRLHF options (openrlhf.cli.train_ppo_ray):\n")
-        with contextlib.suppress(SystemExit), _gpu_modules_for_parsing():
+        with contextlib.suppress(SystemExit), imports.without_gpu_stack():
             _run_openrlhf(["--help"])
         return 0
     try:
         ours, rest = _parse(argv)
-        if ours.cpu:  # before OpenRLHF imports deepspeed (it picks its accelerator at import) or any CUDA site
-            os.environ[cpu.ENV] = "1"
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            cpu.apply()
+        if ours.cpu:
+            cpu.enable()
         if ours.dry_run:
             quiet_deepspeed()
             # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
-            with _gpu_modules_for_parsing(), contextlib.redirect_stdout(sys.stderr):
+            with imports.without_gpu_stack(), contextlib.redirect_stdout(sys.stderr):
                 plan, _ = resolve(argv)
             print(json.dumps(coefficients.clean(plan), indent=2))
             return 0
@@ -167,44 +164,6 @@ def resolve(argv: Sequence[str]) -> tuple[dict, Any]:
     except DryRun as stop:
         return stop.args
     raise RuntimeError(f"{UPSTREAM} returned without calling hierarchize: is this OpenRLHF 0.11?")
-
-
-class _ParseOnly(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Empty `vllm` / `flash_attn_2_cuda` modules, found only when no real one is (this finder comes last
-    on sys.meta_path): enough for OpenRLHF's train_ppo_ray to import and parse its flags on a machine
-    without its GPU stack. Any name taken from them raises at use, never silently."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] not in GPU_MODULES:
-            return None
-        return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "vllm")
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        def missing(attr: str):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def refuse(*args, **kwargs):
-                raise BoneSoupError(f"{module.__name__}.{attr}: {module.__name__} is not installed here")
-
-            return type(attr, (), {"__init__": refuse, "__call__": refuse})
-
-        module.__getattr__ = missing
-
-
-@contextlib.contextmanager
-def _gpu_modules_for_parsing() -> Iterator[None]:
-    finder = _ParseOnly()
-    sys.meta_path.append(finder)
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [n for n, m in sys.modules.items() if getattr(m, "__loader__", None) is finder]:
-            del sys.modules[name]
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -343,7 +302,10 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
     # manifest and the post-training hook look.
     output_dir = args.ckpt.output_dir = str(Path(args.ckpt.output_dir).resolve())
     launch.update(backbone_index=backbone_index, output_dir=output_dir, merge_preferences=preferences)
-    cpu_changes = _cpu_settings(args) if ours.cpu else None
+    cpu_changes = cpu.launch_settings(args) if ours.cpu else None
+    for option, (_, now, _) in (cpu_changes or {}).items():
+        group, name = option.split(".")
+        setattr(getattr(args, group), name, now)
     env = runtime_env(args.bonesoup, cpu_launch=ours.cpu)
     if ours.dry_run:
         raise DryRun(
@@ -368,7 +330,7 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
         print(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {args.actor.model_name_or_path}")
     for option, (was, now, why) in (cpu_changes or {}).items():
         print(f"[bonesoup] --cpu: --{option} {now} (was {was}): {why}")
-    _start_ray(env, _cpu_gpus(args) if ours.cpu else None)
+    _start_ray(env, cpu.local_ray(args, cpu_changes) if ours.cpu else None)
     return args
 
 
@@ -393,7 +355,7 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
             "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only, and these objectives include models "
             "scored by the reward actors; evaluate soups with `openrlhf-bonesoup evaluate` instead"
         )
-    # The plugin's LoRA weight sync (worker._patch_lora_sync) sends vLLM W + s B A built from the base weight:
+    # The plugin's LoRA weight sync (integration/lora_sync.py) sends vLLM W + s B A built from the base weight:
     # a DeepSpeed tensor-parallel shard is gathered by another path, and a 4-bit base is packed bytes, not W.
     if args.ds.lora.rank > 0 and args.ds.tensor_parallel_size > 1:
         raise BoneSoupError(
@@ -435,66 +397,6 @@ def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index
     )
 
 
-# --cpu turns these off, one printed line each (and --dry_run lists them): each needs a CUDA kernel,
-# allocator or library, and each only changes a GPU launch's speed or memory, not what it computes
-# (padded rows give what packed rows give; whole batches what token-budget micro-batches give).
-CPU_OFF = {
-    "ds.packing_samples": (False, "packing needs flash-attn's variable-length CUDA kernels; rows are padded"),
-    "train.dynamic_batch_enable": (False, "token-budget micro-batches turn on packing (flash-attn's CUDA kernels)"),
-    "vllm.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
-    "ds.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
-    "vllm.sync_with_ray": (False, "Ray collectives need NCCL; --cpu syncs weights on vLLM's gloo group"),
-    "vllm.sync_backend": ("gloo", "NCCL needs GPUs (colocated launches then sync over it, not CUDA IPC)"),
-    "ds.ring_attn_size": (1, "ring attention needs flash-attn's kernels"),
-    "ds.tensor_parallel_size": (1, "DeepSpeed's tensor parallel splits layers over GPUs"),
-    "vllm.tensor_parallel_size": (1, "one vLLM engine process per engine"),
-}
-
-
-# The refusals that stay: turning these off would rehearse another computation.
-CPU_REFUSED = {
-    "ds.load_in_4bit": "the policy's weights would be full precision, not NF4 as on the GPU launch (and "
-    "bitsandbytes' 4-bit kernels need CUDA)",
-}
-
-
-def _cpu_settings(args) -> dict:
-    """--cpu: set what fits a CPU machine. Returns {option: [was, now, why]}; each change is printed."""
-    for option, why in CPU_REFUSED.items():
-        group, name = option.split(".")
-        if getattr(getattr(args, group), name):
-            raise BoneSoupError(f"--{option} cannot run with --cpu: {why}")
-    changes = {}
-
-    def change(option: str, value, why: str) -> None:
-        group, name = option.split(".")
-        was = getattr(getattr(args, group), name)
-        if was != value:
-            setattr(getattr(args, group), name, value)
-            changes[option] = [was, value, why]
-
-    for option, (value, why) in CPU_OFF.items():
-        change(option, value, why)
-    # A rehearsal of the recipe, not of its scale: every model group and vLLM runs as one process.
-    for group in ("actor", "ref", "critic", "reward"):
-        change(f"{group}.num_nodes", 1, "a rehearsal of the recipe, not of its scale")
-        change(f"{group}.num_gpus_per_node", 1, "a rehearsal of the recipe, not of its scale")
-    # OpenRLHF 0.11 generates rollouts only through vLLM engines
-    change("vllm.num_engines", 1, "a rehearsal of the recipe, not of its scale")
-    if "flash" in args.ds.attn_implementation:  # upstream's default: flash_attention_2, a CUDA kernel
-        change("ds.attn_implementation", "eager", "flash attention is a CUDA kernel")
-    if args.vllm.gpu_memory_utilization > 0.2:
-        change("vllm.gpu_memory_utilization", 0.05, "on vLLM's CPU build, the share of RAM for the KV cache")
-    return changes
-
-
-def _cpu_gpus(args) -> int:
-    """GPUs to declare on the --cpu local Ray: one per actor and vLLM rank, so every placement fits."""
-    groups = (args.actor, args.ref, args.critic, args.reward)
-    vllm = args.vllm.num_engines * args.vllm.tensor_parallel_size
-    return sum(g.num_nodes * g.num_gpus_per_node for g in groups) + vllm
-
-
 def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     """Upstream train()'s runtime_env plus our setup hook and config, fit to a `ray job submit` job.
 
@@ -510,15 +412,8 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
         worker.CONFIG_ENV: json.dumps(config),
     }
-    if cpu_launch:  # every Ray worker (and the vLLM processes they spawn) applies integration/cpu.py
-        env_vars.update({cpu.ENV: "1", "DS_ACCELERATOR": "cpu"})
-        # vLLM's CPU build moves the model into a process of its own unless this is 0 (platforms/cpu.py:
-        # 333-341 forces the "mp" executor): one more process importing vLLM and torch (~8 s of a launch).
-        # At 0 the rollout engine keeps its "uni" executor, the model in the engine core's process, which
-        # is a GPU launch's layout at tensor parallel size 1 (trainer/ray/vllm_engine.py:240). vLLM calls
-        # that unsupported on CPU (its OpenMP set-up); for a rehearsal's tiny model, test_launch's
-        # vLLM-vs-actor log-prob check (train/vllm_kl < 1e-3) shows the rollouts stay right.
-        env_vars[cpu.VLLM_MP_ENV] = os.environ.get(cpu.VLLM_MP_ENV, "0")
+    if cpu_launch:
+        env_vars.update(cpu.worker_env_vars())
     env = {"env_vars": env_vars, "worker_process_setup_hook": worker.HOOK}
     if JOB_CONFIG_ENV not in os.environ:
         return env
@@ -536,14 +431,9 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     return env
 
 
-def _start_ray(env: dict, cpu_gpus: int | None = None) -> None:
+def _start_ray(env: dict, local: dict | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         raise BoneSoupError("Ray is already initialised in this process: the launcher must start it with its hook")
-    if cpu_gpus is None:
-        ray.init(runtime_env=env)
-        return
-    # --cpu: a new local cluster of this process (address="local": never a cluster already running here),
-    # with GPUs declared so that OpenRLHF's placement groups fit; vLLM's CPU build ignores them.
-    ray.init(address="local", num_cpus=cpu_gpus + 2, num_gpus=cpu_gpus, include_dashboard=False, runtime_env=env)
+    ray.init(runtime_env=env, **(local or {}))
