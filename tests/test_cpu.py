@@ -258,27 +258,23 @@ def test_4bit_loading_stays_refused_in_one_line_exit_2(tiny, tmp_path):
 
 
 def test_each_change_is_one_printed_line(tiny, tmp_path, capsys):
-    """A launch prints what --cpu changed, one line each (stopped here right after the launcher's step)."""
+    """A launch prints what --cpu changed, one line each (stopped where Ray would start)."""
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
     argv += ["--vllm.enable_sleep", "--ds.packing_samples"]
-    ours, rest = launcher._parse(argv)
+    launch, _ = launcher.resolve(argv)
 
     class Started(Exception):
         pass
 
-    def no_ray(env, gpus):  # the step's last act: Ray would start here
+    def no_ray(env, local):  # Ray would start here, right after the lines are printed
         raise Started
 
-    launch = {"openrlhf_argv": rest}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(launcher, "_start_ray", no_ray)
-        with launcher._hierarchize_then(lambda args: launcher.prepare(ours, args, argv, launch)):
-            with pytest.raises(Started):
-                launcher._run_openrlhf(rest)
+        with pytest.raises(Started):
+            launcher.apply(launch)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[bonesoup] --cpu:")]
-    assert (
-        "[bonesoup] --cpu: --vllm.enable_sleep False (was True): " + cpu.CPU_OFF["vllm.enable_sleep"][1] in lines
-    )
+    assert "[bonesoup] --cpu: --vllm.enable_sleep False (was True): " + cpu.CPU_OFF["vllm.enable_sleep"][1] in lines
     assert any(line.startswith("[bonesoup] --cpu: --ds.packing_samples False (was True): ") for line in lines)
     assert len(lines) == len(set(lines)) >= 6  # sleep, packing, sync backend, attention, memory, engines, ...

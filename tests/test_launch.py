@@ -168,7 +168,7 @@ def test_the_weights_reach_vllm_after_each_step(recipe):
 
 
 def test_vllm_runs_its_model_in_the_engine_core_process(recipe):
-    """As on a GPU at tensor parallel size 1 (OpenRLHF's "uni" executor); with --cpu, launcher.runtime_env
+    """As on a GPU at tensor parallel size 1 (OpenRLHF's "uni" executor); with --cpu, cpu.worker_env_vars
     keeps vLLM's CPU build from moving the model into a worker process of its own."""
     log = (recipe["root"] / "backbone0.log").read_text()
     assert re.search(r"\(EngineCore(_DP\d+)? pid=\d+\).*Starting to load model", log), "the model ran elsewhere"
