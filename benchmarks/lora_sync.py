@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/lora_sync.py [--layers 16] [--hidden 512]
 
 A LLaMA policy (bf16, `--layers` layers) with a rank-8 LoRA on its 7 linear modules per layer, synced
-through integration/worker.py's patch of `ActorPPOTrainer.broadcast_to_vllm` around a loop shaped as
+through integration/lora_sync.py's patch of `ActorPPOTrainer.broadcast_to_vllm` around a loop shaped as
 upstream's (openrlhf/trainer/ray/ppo_actor.py:476-487: list every parameter, then per parameter
 `deepspeed.zero.GatheredParameters([param])` and read its data to send it; here the "send" sums it).
 `before`: what the plugin did until 2026-12-07, every adapted layer's merged weight built when the
@@ -34,7 +34,7 @@ def sync(variant: str, layers: int, hidden: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from openrlhf_bonesoup.integration import worker
+    from openrlhf_bonesoup.integration import lora_sync
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -60,7 +60,7 @@ def sync(variant: str, layers: int, hidden: int) -> dict:
         return total
 
     trainer = type("ActorPPOTrainer", (), {"broadcast_to_vllm": upstream_loop})
-    worker._patch_lora_sync(SimpleNamespace(ActorPPOTrainer=trainer))
+    lora_sync.patch(SimpleNamespace(ActorPPOTrainer=trainer))
     me = trainer()
     me.actor = SimpleNamespace(model=SimpleNamespace(module=model))
     me.strategy = SimpleNamespace(args=SimpleNamespace(ds=SimpleNamespace(zero_stage=0)))
@@ -69,8 +69,8 @@ def sync(variant: str, layers: int, hidden: int) -> dict:
 
         def run():
             eager = []
-            for name, weight in worker.vllm_weights(model, zero3=False):
-                if isinstance(weight, worker.MergedWeight):
+            for name, weight in lora_sync.vllm_weights(model, zero3=False):
+                if isinstance(weight, lora_sync.MergedWeight):
                     with weight.gathered():
                         weight = weight.data.clone()
                 eager.append((name, weight))
@@ -78,7 +78,8 @@ def sync(variant: str, layers: int, hidden: int) -> dict:
             return upstream_loop(me)
     else:
         run = me.broadcast_to_vllm
-    adapted = [w for _, w in worker.vllm_weights(model, zero3=False, build=False) if isinstance(w, worker.MergedWeight)]
+    listed = lora_sync.vllm_weights(model, zero3=False, build=False)
+    adapted = [w for _, w in listed if isinstance(w, lora_sync.MergedWeight)]
     sizes = [w.shape.numel() * w.dtype.itemsize for w in adapted]
 
     process, peak, done = psutil.Process(), [0], threading.Event()

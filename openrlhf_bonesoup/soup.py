@@ -138,7 +138,12 @@ def init_soup(
 
 
 def register_backbone(soup_dir: str | os.PathLike, index: int, **fields) -> dict:
-    """Update backbone `index`'s entry with `fields` (status, checkpoint, launch_args, ...)."""
+    """Update backbone `index`'s entry with `fields` (status, checkpoint, launch_args, ...).
+
+    A launch (status "launched") of a backbone that is already trained is kept beside its entry as
+    `pending_launch`: the trained status and checkpoint stay, so a relaunch stopped before its end never
+    hides a trained backbone from merge. Registering a checkpoint ends a pending launch (its fields, such
+    as launch_args and output_dir, become the entry's)."""
     soup_dir = Path(soup_dir)
     with _locked(soup_dir):
         manifest = read_soup(soup_dir)
@@ -148,6 +153,11 @@ def register_backbone(soup_dir: str | os.PathLike, index: int, **fields) -> dict
             fields["checkpoint"] = str(Path(fields["checkpoint"]).resolve())
             fields = {**checkpoint_identity(fields["checkpoint"]), **fields}
         entry = dict(manifest["backbones"][index] or {"index": index})
+        if fields.get("status") == "launched" and entry.get("status") == "trained":
+            pending = {k: v for k, v in fields.items() if k != "status"}
+            fields = {"pending_launch": {**pending, "updated": _now()}}
+        elif "checkpoint" in fields:
+            fields = {**entry.pop("pending_launch", {}), **fields}
         entry.update(fields, updated=_now())
         manifest["backbones"][index] = entry
         _write(soup_dir, manifest)

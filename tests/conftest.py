@@ -1,8 +1,8 @@
-"""Test set-up: the plugin's empty `flash_attn_2_cuda` everywhere, and tiny local checkpoints.
+"""Test set-up: the plugin's stand-in `flash_attn_2_cuda` everywhere, and tiny local checkpoints.
 
 flash-attn's compiled CUDA extension cannot exist on a CPU machine, yet `import flash_attn` (so
-openrlhf.models) needs it. The plugin provides an empty one on machines without CUDA
-(openrlhf_bonesoup/integration/cpu.py, last on sys.meta_path: a real module always wins): here, and in
+openrlhf.models) needs it. The plugin provides a stand-in on machines without CUDA
+(openrlhf_bonesoup/integration/imports.py, last on sys.meta_path: a real module always wins): here, and in
 subprocesses and Ray workers through tests/boot/sitecustomize.py (named in PYTHONPATH). Everything else is
 the installed, real openrlhf 0.11.2, vLLM (its CPU build), DeepSpeed and Ray.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+from openrlhf_bonesoup.integration.imports import provide_flash_attn_2_cuda
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -145,7 +145,7 @@ upstream = (torch.cuda.current_device, torch.cuda.set_device, torch.cuda.synchro
 from openrlhf_bonesoup.integration import cpu, worker
 worker.setup()
 cpu.vllm_plugin()
-from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+from openrlhf_bonesoup.integration.imports import provide_flash_attn_2_cuda
 provide_flash_attn_2_cuda()  # the import stand-in only: openrlhf.models needs it on any CPU machine
 from openrlhf.utils import distributed_util
 from openrlhf.trainer.ppo_utils import replay_buffer
@@ -227,7 +227,7 @@ GIVEN = {
 def test_gpu_only_options_are_turned_off_with_cpu_not_refused(tiny, tmp_path):
     """--cpu rehearses the user's exact command: options that only change a GPU launch's speed or memory are
     set to what runs here, each listed with why; without --cpu they stay as given."""
-    assert set(GIVEN) == set(launcher.CPU_OFF)
+    assert set(GIVEN) == set(cpu.CPU_OFF)
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
     for option, value in GIVEN.items():
@@ -235,7 +235,7 @@ def test_gpu_only_options_are_turned_off_with_cpu_not_refused(tiny, tmp_path):
     _, args = launcher.resolve(argv)
     assert args.ds.packing_samples and args.vllm.enable_sleep and args.ds.ring_attn_size == 2  # upstream's
     plan, args = launcher.resolve([*argv, "--cpu"])
-    for option, (off, why) in launcher.CPU_OFF.items():
+    for option, (off, why) in cpu.CPU_OFF.items():
         group, name = option.split(".")
         assert getattr(getattr(args, group), name) == off, option
         assert plan["cpu"][option][1:] == [off, why], option
@@ -244,7 +244,7 @@ def test_gpu_only_options_are_turned_off_with_cpu_not_refused(tiny, tmp_path):
 
 def test_4bit_loading_stays_refused_in_one_line_exit_2(tiny, tmp_path):
     """Turning 4-bit loading off would rehearse full-precision weights: the one refusal that stays."""
-    assert set(launcher.CPU_REFUSED) == {"ds.load_in_4bit"}
+    assert set(cpu.CPU_REFUSED) == {"ds.load_in_4bit"}
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0", "--dry_run"]
     done = subprocess.run(
@@ -252,33 +252,29 @@ def test_4bit_loading_stays_refused_in_one_line_exit_2(tiny, tmp_path):
         capture_output=True,
         text=True,
     )
-    refusal = "error: --ds.load_in_4bit cannot run with --cpu: " + launcher.CPU_REFUSED["ds.load_in_4bit"]
+    refusal = "error: --ds.load_in_4bit cannot run with --cpu: " + cpu.CPU_REFUSED["ds.load_in_4bit"]
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].endswith(refusal)
 
 
 def test_each_change_is_one_printed_line(tiny, tmp_path, capsys):
-    """A launch prints what --cpu changed, one line each (stopped here right after the launcher's step)."""
+    """A launch prints what --cpu changed, one line each (stopped where Ray would start)."""
     argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", reward_funcs(tmp_path)]
     argv += ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
     argv += ["--vllm.enable_sleep", "--ds.packing_samples"]
-    ours, rest = launcher._parse(argv)
+    launch, _ = launcher.resolve(argv)
 
     class Started(Exception):
         pass
 
-    def no_ray(env, gpus):  # the step's last act: Ray would start here
+    def no_ray(env, local):  # Ray would start here, right after the lines are printed
         raise Started
 
-    launch = {"openrlhf_argv": rest}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(launcher, "_start_ray", no_ray)
-        with launcher._hierarchize_then(lambda args: launcher.prepare(ours, args, argv, launch)):
-            with pytest.raises(Started):
-                launcher._run_openrlhf(rest)
+        with pytest.raises(Started):
+            launcher.apply(launch)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[bonesoup] --cpu:")]
-    assert (
-        "[bonesoup] --cpu: --vllm.enable_sleep False (was True): " + launcher.CPU_OFF["vllm.enable_sleep"][1] in lines
-    )
+    assert "[bonesoup] --cpu: --vllm.enable_sleep False (was True): " + cpu.CPU_OFF["vllm.enable_sleep"][1] in lines
     assert any(line.startswith("[bonesoup] --cpu: --ds.packing_samples False (was True): ") for line in lines)
     assert len(lines) == len(set(lines)) >= 6  # sleep, packing, sync backend, attention, memory, engines, ...

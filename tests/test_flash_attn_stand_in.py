@@ -1,4 +1,4 @@
-"""The one stand-in: the plugin's empty `flash_attn_2_cuda`, only where no real one exists; vLLM is real."""
+"""The one stand-in: the plugin's stand-in `flash_attn_2_cuda`, only where no real one exists; vLLM is real."""
 
 import subprocess
 import sys
@@ -21,7 +21,7 @@ def test_flash_attn_cuda_extension_is_the_plugins_empty_module_here():
 def test_a_real_flash_attn_cuda_extension_wins(tmp_path):
     (tmp_path / "flash_attn_2_cuda.py").write_text("REAL = True\n")
     code = (
-        "from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda; provide_flash_attn_2_cuda(); "
+        "from openrlhf_bonesoup.integration.imports import provide_flash_attn_2_cuda; provide_flash_attn_2_cuda(); "
         "import torch, flash_attn_2_cuda; print(flash_attn_2_cuda.REAL)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

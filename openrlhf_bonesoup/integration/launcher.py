@@ -1,25 +1,28 @@
 """The drop-in launcher: OpenRLHF's unmodified `train_ppo_ray` main, trained on a composite reward.
 
 `python -m openrlhf_bonesoup.cli.train_ppo_ray <OpenRLHF args> --reward_combiner bonesoup --beta 0.7
---backbone_index 0 --soup_dir soup/` parses and removes our flags, then runs
-`openrlhf.cli.train_ppo_ray` as `__main__` (runpy) on the rest, so OpenRLHF's own parser, checks,
-Ray placement, vLLM rollouts and trainer run as they are. Two seams, both in this process:
+--backbone_index 0 --soup_dir soup/` parses and removes our flags, then runs `openrlhf.cli.train_ppo_ray`
+as `__main__` (runpy) on the rest, so OpenRLHF's own parser, checks, Ray placement, vLLM rollouts and
+trainer run as they are. In two steps:
 
-- `openrlhf.utils.config.hierarchize`: upstream's main imports it at call time, right after parsing.
-  Our wrapper sees OpenRLHF's parsed args first: it refuses upstream options that would bypass the
-  composite reward, resolves the objectives and the combiner, routes the reward (any model: every
-  objective scored by our RewardModelActor group on the reward GPUs; none: our reward_func file as
-  --reward.remote_url), puts the config on args.bonesoup (it travels to every actor with
-  strategy.args), writes the soup manifest, and starts Ray with upstream's env_vars plus our worker
-  setup hook and config (train() then skips its own ray.init).
-- `openrlhf.trainer.ray.launcher.RewardModelActor`: train_ppo_ray imports this name at import time,
-  so it is swapped for ours before runpy and restored after.
+- `resolve` / `plan`: OpenRLHF's parser on the rest, stopped right after it; from its args and our flags,
+  what the launch will do, nothing done yet: the objectives and combiner, refusals of upstream options that
+  would bypass the composite reward, the route (any model: every objective scored by our RewardModelActor
+  group on the reward GPUs; none: our reward_func file as --reward.remote_url), the settings for upstream's
+  args (args.bonesoup travels to every actor with strategy.args), what --cpu changes, the Ray runtime_env,
+  the soup entry. `--dry_run` prints the plan.
+- `apply`: upstream's main again, through three seams in this process. `openrlhf.utils.config.hierarchize`
+  (called right after parsing) puts the plan's settings on its args; the `ray.init` that starts train(),
+  after every check of upstream's main, is ours: the backbone's soup.json entry, then Ray with upstream's
+  env_vars plus our worker setup hook and config; `openrlhf.trainer.ray.launcher.RewardModelActor`
+  (bound by train_ppo_ray at import) is ours. After train() returns (the model is saved), the backbone goes
+  to the post-training hook.
 
 With `--cpu` the same launch runs on a machine without a GPU (integration/cpu.py): its own local Ray
-with declared GPUs, DeepSpeed's CPU accelerator, vLLM's CPU build, weight sync on gloo.
-
-After train() returns (the model is saved), the backbone goes to the post-training hook. The upstream
+with declared GPUs, DeepSpeed's CPU accelerator, vLLM's CPU build, weight sync on gloo. The upstream
 patch (patches/) reaches `main` from OpenRLHF's own train_ppo_ray through `add_arguments` / `requested`.
+
+About 450 lines, one module: a launch reads top to bottom, flags, plan, apply, then the seams they use.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import importlib.abc
 import importlib.util
 import json
 import logging
@@ -40,7 +42,7 @@ from typing import Any
 
 from openrlhf_bonesoup import coefficients, combiners, objectives, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.integration import cpu, worker
+from openrlhf_bonesoup.integration import cpu, imports, worker
 
 UPSTREAM = "openrlhf.cli.train_ppo_ray"
 PROG = "python -m openrlhf_bonesoup.cli.train_ppo_ray"
@@ -53,10 +55,6 @@ _running_openrlhf = False  # True while _run_openrlhf runs OpenRLHF's main (see 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise BoneSoupError(message)
-
-
-class DryRun(Exception):
-    """Raised from our step inside OpenRLHF's main to stop before anything runs: (plan, args)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,182 +105,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        quiet_deepspeed()
-        print(build_parser().format_help())
-        print("OpenRLHF options (openrlhf.cli.train_ppo_ray):\n")
-        with contextlib.suppress(SystemExit), _gpu_modules_for_parsing():
-            _run_openrlhf(["--help"])
-        return 0
-    try:
-        ours, rest = _parse(argv)
-        if ours.cpu:  # before OpenRLHF imports deepspeed (it picks its accelerator at import) or any CUDA site
-            os.environ[cpu.ENV] = "1"
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            cpu.apply()
-        if ours.dry_run:
-            quiet_deepspeed()
-            # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
-            with _gpu_modules_for_parsing(), contextlib.redirect_stdout(sys.stderr):
-                plan, _ = resolve(argv)
-            print(json.dumps(coefficients.clean(plan), indent=2))
-            return 0
-        missing = [name for name in GPU_MODULES if importlib.util.find_spec(name) is None]
-        if missing:
-            raise BoneSoupError(
-                f"{' and '.join(missing)} not installed: a training launch needs OpenRLHF's GPU stack "
-                '(pip install "openrlhf[vllm]==0.11.2"); --help and --dry_run work without it'
-            )
-        launch: dict = {"openrlhf_argv": rest}
-        with _hierarchize_then(lambda args: prepare(ours, args, argv, launch)), _actor_replaced():
-            _run_openrlhf(rest)
-        if ours.soup_dir:
-            from openrlhf_bonesoup import hook  # the post-training hook; imported only when a launch ends
-
-            merged = hook.after_training(
-                ours.soup_dir,
-                launch["backbone_index"],
-                launch["output_dir"],
-                merge_preferences=launch["merge_preferences"],
-                merge_output=ours.merge_output,
-            )
-            for path in merged:
-                print(f"merged: {path}")
-    except BoneSoupError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def resolve(argv: Sequence[str]) -> tuple[dict, Any]:
-    """What a launch would run, without running anything: OpenRLHF's real parser on the argv left
-    after our flags, then our step (no manifest, no Ray). Returns (plan, OpenRLHF's args)."""
-    ours, rest = _parse(argv)
-    ours.dry_run = True
-    try:
-        with _hierarchize_then(lambda args: prepare(ours, args, argv, {"openrlhf_argv": rest})):
-            _run_openrlhf(rest)
-    except DryRun as stop:
-        return stop.args
-    raise RuntimeError(f"{UPSTREAM} returned without calling hierarchize: is this OpenRLHF 0.11?")
-
-
-class _ParseOnly(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Empty `vllm` / `flash_attn_2_cuda` modules, found only when no real one is (this finder comes last
-    on sys.meta_path): enough for OpenRLHF's train_ppo_ray to import and parse its flags on a machine
-    without its GPU stack. Any name taken from them raises at use, never silently."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] not in GPU_MODULES:
-            return None
-        return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "vllm")
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        def missing(attr: str):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def refuse(*args, **kwargs):
-                raise BoneSoupError(f"{module.__name__}.{attr}: {module.__name__} is not installed here")
-
-            return type(attr, (), {"__init__": refuse, "__call__": refuse})
-
-        module.__getattr__ = missing
-
-
-@contextlib.contextmanager
-def _gpu_modules_for_parsing() -> Iterator[None]:
-    finder = _ParseOnly()
-    sys.meta_path.append(finder)
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [n for n, m in sys.modules.items() if getattr(m, "__loader__", None) is finder]:
-            del sys.modules[name]
-
-
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ours, rest = build_parser().parse_known_args(argv)
     _check_merge_flags(ours)
     return ours, rest
-
-
-def _run_openrlhf(argv: list[str]) -> None:
-    global _running_openrlhf
-    sys.argv = [UPSTREAM, *argv]
-    _running_openrlhf = True
-    try:
-        with _one_line_parser_errors():
-            runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
-    finally:
-        _running_openrlhf = False
-
-
-@contextlib.contextmanager
-def _one_line_parser_errors() -> Iterator[None]:
-    """OpenRLHF's parser answers a mistyped flag with its whole usage (150 lines): one line instead, with
-    the closest flags of OpenRLHF's parser and ours (difflib over their option strings)."""
-    upstream = argparse.ArgumentParser.error
-
-    def error(parser: argparse.ArgumentParser, message: str):
-        # argparse keeps every option string in _option_string_actions; it has no public list of them.
-        known = [*parser._option_string_actions, *build_parser()._option_string_actions]
-        flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]
-        if message.startswith("unrecognized arguments:") and flags:
-            hints = []
-            for flag in flags:
-                close = difflib.get_close_matches(flag, known, n=3)
-                hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else f"{flag} (no flag is close)")
-            message = f"unrecognized arguments: {', '.join(hints)}; see --help"
-        raise BoneSoupError(message)
-
-    argparse.ArgumentParser.error = error
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.error = upstream
-
-
-def _hide_cpu_notice(record: logging.LogRecord) -> bool:
-    return "Setting accelerator to CPU" not in record.getMessage()
-
-
-def quiet_deepspeed() -> None:
-    """Hide DeepSpeed's "[WARNING] Setting accelerator to CPU", logged when OpenRLHF imports it on a machine
-    without a GPU: noise where nothing trains (--help, --dry_run, the CLI's commands). A launch keeps it."""
-    logging.getLogger("DeepSpeed").addFilter(_hide_cpu_notice)  # the logger DeepSpeed creates on import
-
-
-@contextlib.contextmanager
-def _hierarchize_then(step) -> Iterator[None]:
-    import openrlhf.utils.config as config
-
-    upstream = config.hierarchize
-    config.hierarchize = lambda args: step(upstream(args))
-    try:
-        yield
-    finally:
-        config.hierarchize = upstream
-
-
-@contextlib.contextmanager
-def _actor_replaced() -> Iterator[None]:
-    import openrlhf.trainer.ray.launcher as launcher
-
-    from openrlhf_bonesoup.integration.actor import RewardModelActor
-
-    upstream = launcher.RewardModelActor
-    launcher.RewardModelActor = RewardModelActor
-    try:
-        yield
-    finally:
-        launcher.RewardModelActor = upstream
 
 
 def _check_merge_flags(ours: argparse.Namespace) -> None:
@@ -295,8 +121,65 @@ def _check_merge_flags(ours: argparse.Namespace) -> None:
         raise BoneSoupError("merging after training needs --soup_dir (the merge waits for all n backbones)")
 
 
-def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
-    """Our step between OpenRLHF's parsing and its checks: refuse, resolve, route, record, start Ray."""
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        quiet_deepspeed()
+        print(build_parser().format_help())
+        print("OpenRLHF options (openrlhf.cli.train_ppo_ray):\n")
+        with contextlib.suppress(SystemExit), imports.without_gpu_stack():
+            _run_openrlhf(["--help"])
+        return 0
+    try:
+        ours, _ = _parse(argv)
+        if ours.cpu:
+            cpu.enable()
+        if ours.dry_run:
+            quiet_deepspeed()
+            # Only the plan on stdout (`--dry_run | jq`): OpenRLHF's imports log there (DeepSpeed).
+            with imports.without_gpu_stack(), contextlib.redirect_stdout(sys.stderr):
+                launch, _ = resolve(argv)
+            print(json.dumps(coefficients.clean(launch), indent=2))
+            return 0
+        missing = [name for name in GPU_MODULES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise BoneSoupError(
+                f"{' and '.join(missing)} not installed: a training launch needs OpenRLHF's GPU stack "
+                '(pip install "openrlhf[vllm]==0.11.2"); --help and --dry_run work without it'
+            )
+        launch, _ = resolve(argv)
+        apply(launch)
+    except BoneSoupError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve(argv: Sequence[str]) -> tuple[dict, Any]:
+    """What a launch would do, nothing done: OpenRLHF's real parser on the argv left after our flags,
+    stopped right after it, then `plan`. Returns (the plan, OpenRLHF's args with the plan's settings)."""
+    ours, rest = _parse(argv)
+
+    class Parsed(Exception):
+        pass
+
+    def stop(args):
+        raise Parsed(args)
+
+    try:
+        with _hierarchize_then(stop):
+            _run_openrlhf(rest)
+    except Parsed as parsed:
+        args = parsed.args[0]
+        launch = plan(ours, args, argv, rest)
+        _set(args, launch)
+        return launch, args
+    raise RuntimeError(f"{UPSTREAM} returned without calling hierarchize: is this OpenRLHF 0.11?")
+
+
+def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: list[str]) -> dict:
+    """What a launch will do, from our flags and OpenRLHF's parsed args (only read): every refusal of ours
+    now, before anything runs. `--dry_run` prints it; `apply` does it."""
     # Upstream's own ways of naming rewards are the objectives, in this order: the reward models of
     # --reward.model_name_or_path, then the reward_func files and endpoints of --reward.remote_url (the
     # recipes pass reward functions there). --objectives FILE names them with their settings instead.
@@ -307,69 +190,72 @@ def prepare(ours: argparse.Namespace, args, argv: Sequence[str], launch: dict):
             "--reward.remote_url C.py,http://..."
         )
     specs = objectives.parse_objectives(ours.objectives or ",".join(upstream))
-    args.reward.remote_url = None  # its files and endpoints are objectives now: the route below calls them
     weights = combiners.weights_from_args(ours, len(specs))
     route = worker.ROUTE_ACTORS if objectives.needs_reward_actors(specs) else worker.ROUTE_REWARD_FUNC
     _refuse_bypasses(args, specs, route)
     # Pre-flight from config.json and safetensors headers, no weights loaded: a wrong checkpoint is refused
     # now, not when it loads after Ray, DeepSpeed and vLLM have started.
     objectives.check_models(specs, ring_attention=args.ds.ring_attn_size > 1)
-    soup.checkpoint_path(args.actor.model_name_or_path, "--actor.model_name_or_path", hub_ok=True)
+    sft = soup.checkpoint_path(args.actor.model_name_or_path, "--actor.model_name_or_path", hub_ok=True)
     # Checked now, not after hours of training.
     preferences = None
     if ours.merge_grid is not None or ours.merge_preferences is not None:
         preferences = coefficients.preference_sweep(len(specs), ours.merge_grid, ours.merge_preferences)
 
-    if route == worker.ROUTE_ACTORS:
-        # Upstream builds and initialises the reward group when this is set and remote_url is not;
-        # our actor reads the objectives from args.bonesoup, the value only names them in logs.
-        args.reward.model_name_or_path = ",".join(s.get("path") or s["url"] for s in specs)
-    else:
-        args.reward.remote_url = REWARD_FUNC_FILE
+    # The route. Reward actors: upstream builds and initialises the reward group when model_name_or_path is
+    # set and remote_url is not; our actor reads the objectives from args.bonesoup, the value only names
+    # them in logs. Otherwise our reward_func file scores every objective in the rollout workers.
+    actors = route == worker.ROUTE_ACTORS
+    reward_models = ",".join(s.get("path") or s["url"] for s in specs) if actors else args.reward.model_name_or_path
     # Upstream starts a GAE critic from the first reward model when none is given. With n objectives
     # that choice is arbitrary and often wrong (an HF classifier on another tokenizer), so the critic
     # starts from the policy instead, as upstream does for remote rewards; an explicit flag wins.
-    critic_defaulted = args.algo.advantage.estimator == "gae" and args.critic.model_name_or_path is None
-    if critic_defaulted:
-        args.critic.model_name_or_path = args.actor.model_name_or_path
-    args.bonesoup = {
-        "objectives": specs,
-        "weights": weights.tolist(),
-        "combiner": ours.reward_combiner,
-        "route": route,
-    }
-    backbone_index = ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective
-    # Absolute, so that the policy actor (another process, maybe another node) saves where the
-    # manifest and the post-training hook look.
-    output_dir = args.ckpt.output_dir = str(Path(args.ckpt.output_dir).resolve())
-    launch.update(backbone_index=backbone_index, output_dir=output_dir, merge_preferences=preferences)
-    cpu_changes = _cpu_settings(args) if ours.cpu else None
-    env = runtime_env(args.bonesoup, cpu_launch=ours.cpu)
-    if ours.dry_run:
-        raise DryRun(
-            {
-                "openrlhf_argv": launch["openrlhf_argv"],
-                "bonesoup": args.bonesoup,
-                "reward.model_name_or_path": args.reward.model_name_or_path,
-                "reward.remote_url": args.reward.remote_url,
-                "critic.model_name_or_path": args.critic.model_name_or_path,
-                "backbone_index": backbone_index,
-                "output_dir": output_dir,
-                "soup_dir": ours.soup_dir,
-                "merge_preferences": preferences,
-                "runtime_env": env,
-                "cpu": cpu_changes,
-            },
-            args,
-        )
-    if ours.soup_dir:
-        _register(ours, specs, args, argv, backbone_index, output_dir)
-    if critic_defaulted:
-        print(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {args.actor.model_name_or_path}")
+    critic = args.critic.model_name_or_path
+    notices = []
+    if args.algo.advantage.estimator == "gae" and critic is None:
+        critic = args.actor.model_name_or_path
+        notices.append(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {critic}")
+    config = {"objectives": specs, "weights": weights.tolist(), "combiner": ours.reward_combiner, "route": route}
+    cpu_changes = cpu.launch_settings(args) if ours.cpu else None
     for option, (was, now, why) in (cpu_changes or {}).items():
-        print(f"[bonesoup] --cpu: --{option} {now} (was {was}): {why}")
-    _start_ray(env, _cpu_gpus(args) if ours.cpu else None)
-    return args
+        notices.append(f"[bonesoup] --cpu: --{option} {now} (was {was}): {why}")
+    registered = None
+    if ours.soup_dir:  # a soup needs B: Bone Soup's B(beta), or Rewarded Soup's B = I (beta = 1) for `single`
+        if ours.reward_combiner == "linear":
+            raise BoneSoupError("--soup_dir needs --reward_combiner bonesoup or single (linear weights define no soup)")
+        beta = ours.beta if ours.reward_combiner == "bonesoup" else 1.0
+        registered = {"beta": beta, "sft": sft, "launch_args": list(argv)}
+    return {
+        "openrlhf_argv": openrlhf_argv,
+        "bonesoup": config,  # on args.bonesoup: it travels to every actor with strategy.args
+        "reward.model_name_or_path": reward_models,
+        "reward.remote_url": None if actors else REWARD_FUNC_FILE,
+        "critic.model_name_or_path": critic,
+        "backbone_index": ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective,
+        # Absolute, so that the policy actor (another process, maybe another node) saves where the
+        # manifest and the post-training hook look.
+        "output_dir": str(Path(args.ckpt.output_dir).resolve()),
+        "soup_dir": ours.soup_dir,
+        "soup": registered,  # soup.json: B from beta, the SFT model, this backbone's launch
+        "merge_preferences": preferences,
+        "merge_output": ours.merge_output,
+        "runtime_env": runtime_env(config, cpu_launch=ours.cpu),
+        "ray": cpu.local_ray(args, cpu_changes) if ours.cpu else {},
+        "cpu": cpu_changes,
+        "notices": notices,  # printed when the launch starts Ray
+    }
+
+
+def _set(args, launch: dict) -> None:
+    """The plan's settings on OpenRLHF's parsed args, before upstream's own checks read them."""
+    args.bonesoup = launch["bonesoup"]
+    args.reward.model_name_or_path = launch["reward.model_name_or_path"]
+    args.reward.remote_url = launch["reward.remote_url"]
+    args.critic.model_name_or_path = launch["critic.model_name_or_path"]
+    args.ckpt.output_dir = launch["output_dir"]
+    for option, (_, now, _) in (launch["cpu"] or {}).items():
+        group, name = option.split(".")
+        setattr(getattr(args, group), name, now)
 
 
 def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
@@ -393,7 +279,7 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
             "--eval.dataset: OpenRLHF evaluates with rollout-side rewards only, and these objectives include models "
             "scored by the reward actors; evaluate soups with `openrlhf-bonesoup evaluate` instead"
         )
-    # The plugin's LoRA weight sync (worker._patch_lora_sync) sends vLLM W + s B A built from the base weight:
+    # The plugin's LoRA weight sync (integration/lora_sync.py) sends vLLM W + s B A built from the base weight:
     # a DeepSpeed tensor-parallel shard is gathered by another path, and a 4-bit base is packed bytes, not W.
     if args.ds.lora.rank > 0 and args.ds.tensor_parallel_size > 1:
         raise BoneSoupError(
@@ -418,83 +304,6 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
         )
 
 
-def _register(ours, specs: list[dict], args, argv: Sequence[str], backbone_index: int, output_dir: str) -> None:
-    # A soup needs B: Bone Soup's B(beta), or Rewarded Soup's B = I (beta = 1) for `single`.
-    if ours.reward_combiner == "linear":
-        raise BoneSoupError("--soup_dir needs --reward_combiner bonesoup or single (linear weights define no soup)")
-    beta = ours.beta if ours.reward_combiner == "bonesoup" else 1.0
-    soup.init_soup(
-        ours.soup_dir,
-        objectives=specs,
-        beta=beta,
-        matrix=coefficients.backbone_matrix(beta, len(specs)),
-        sft=soup.checkpoint_path(args.actor.model_name_or_path, "--actor.model_name_or_path", hub_ok=True),
-    )
-    soup.register_backbone(
-        ours.soup_dir, backbone_index, status="launched", launch_args=list(argv), output_dir=output_dir
-    )
-
-
-# --cpu turns these off, one printed line each (and --dry_run lists them): each needs a CUDA kernel,
-# allocator or library, and each only changes a GPU launch's speed or memory, not what it computes
-# (padded rows give what packed rows give; whole batches what token-budget micro-batches give).
-CPU_OFF = {
-    "ds.packing_samples": (False, "packing needs flash-attn's variable-length CUDA kernels; rows are padded"),
-    "train.dynamic_batch_enable": (False, "token-budget micro-batches turn on packing (flash-attn's CUDA kernels)"),
-    "vllm.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
-    "ds.enable_sleep": (False, "sleep modes free and restore CUDA memory pools"),
-    "vllm.sync_with_ray": (False, "Ray collectives need NCCL; --cpu syncs weights on vLLM's gloo group"),
-    "vllm.sync_backend": ("gloo", "NCCL needs GPUs (colocated launches then sync over it, not CUDA IPC)"),
-    "ds.ring_attn_size": (1, "ring attention needs flash-attn's kernels"),
-    "ds.tensor_parallel_size": (1, "DeepSpeed's tensor parallel splits layers over GPUs"),
-    "vllm.tensor_parallel_size": (1, "one vLLM engine process per engine"),
-}
-
-
-# The refusals that stay: turning these off would rehearse another computation.
-CPU_REFUSED = {
-    "ds.load_in_4bit": "the policy's weights would be full precision, not NF4 as on the GPU launch (and "
-    "bitsandbytes' 4-bit kernels need CUDA)",
-}
-
-
-def _cpu_settings(args) -> dict:
-    """--cpu: set what fits a CPU machine. Returns {option: [was, now, why]}; each change is printed."""
-    for option, why in CPU_REFUSED.items():
-        group, name = option.split(".")
-        if getattr(getattr(args, group), name):
-            raise BoneSoupError(f"--{option} cannot run with --cpu: {why}")
-    changes = {}
-
-    def change(option: str, value, why: str) -> None:
-        group, name = option.split(".")
-        was = getattr(getattr(args, group), name)
-        if was != value:
-            setattr(getattr(args, group), name, value)
-            changes[option] = [was, value, why]
-
-    for option, (value, why) in CPU_OFF.items():
-        change(option, value, why)
-    # A rehearsal of the recipe, not of its scale: every model group and vLLM runs as one process.
-    for group in ("actor", "ref", "critic", "reward"):
-        change(f"{group}.num_nodes", 1, "a rehearsal of the recipe, not of its scale")
-        change(f"{group}.num_gpus_per_node", 1, "a rehearsal of the recipe, not of its scale")
-    # OpenRLHF 0.11 generates rollouts only through vLLM engines
-    change("vllm.num_engines", 1, "a rehearsal of the recipe, not of its scale")
-    if "flash" in args.ds.attn_implementation:  # upstream's default: flash_attention_2, a CUDA kernel
-        change("ds.attn_implementation", "eager", "flash attention is a CUDA kernel")
-    if args.vllm.gpu_memory_utilization > 0.2:
-        change("vllm.gpu_memory_utilization", 0.05, "on vLLM's CPU build, the share of RAM for the KV cache")
-    return changes
-
-
-def _cpu_gpus(args) -> int:
-    """GPUs to declare on the --cpu local Ray: one per actor and vLLM rank, so every placement fits."""
-    groups = (args.actor, args.ref, args.critic, args.reward)
-    vllm = args.vllm.num_engines * args.vllm.tensor_parallel_size
-    return sum(g.num_nodes * g.num_gpus_per_node for g in groups) + vllm
-
-
 def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     """Upstream train()'s runtime_env plus our setup hook and config, fit to a `ray job submit` job.
 
@@ -510,15 +319,8 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
         worker.CONFIG_ENV: json.dumps(config),
     }
-    if cpu_launch:  # every Ray worker (and the vLLM processes they spawn) applies integration/cpu.py
-        env_vars.update({cpu.ENV: "1", "DS_ACCELERATOR": "cpu"})
-        # vLLM's CPU build moves the model into a process of its own unless this is 0 (platforms/cpu.py:
-        # 333-341 forces the "mp" executor): one more process importing vLLM and torch (~8 s of a launch).
-        # At 0 the rollout engine keeps its "uni" executor, the model in the engine core's process, which
-        # is a GPU launch's layout at tensor parallel size 1 (trainer/ray/vllm_engine.py:240). vLLM calls
-        # that unsupported on CPU (its OpenMP set-up); for a rehearsal's tiny model, test_launch's
-        # vLLM-vs-actor log-prob check (train/vllm_kl < 1e-3) shows the rollouts stay right.
-        env_vars[cpu.VLLM_MP_ENV] = os.environ.get(cpu.VLLM_MP_ENV, "0")
+    if cpu_launch:
+        env_vars.update(cpu.worker_env_vars())
     env = {"env_vars": env_vars, "worker_process_setup_hook": worker.HOOK}
     if JOB_CONFIG_ENV not in os.environ:
         return env
@@ -536,14 +338,145 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     return env
 
 
-def _start_ray(env: dict, cpu_gpus: int | None = None) -> None:
+def apply(launch: dict) -> None:
+    """Run the launch `plan` describes: OpenRLHF's train_ppo_ray on its argv, the plan's settings on the args
+    it parses, then the post-training hook. Nothing outside this process changes until upstream's own
+    checks after parsing have passed: its train() then starts Ray (`_before_training` does instead)."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # train() would skip ray.init, so our runtime_env, hook and soup entry
         raise BoneSoupError("Ray is already initialised in this process: the launcher must start it with its hook")
-    if cpu_gpus is None:
-        ray.init(runtime_env=env)
-        return
-    # --cpu: a new local cluster of this process (address="local": never a cluster already running here),
-    # with GPUs declared so that OpenRLHF's placement groups fit; vLLM's CPU build ignores them.
-    ray.init(address="local", num_cpus=cpu_gpus + 2, num_gpus=cpu_gpus, include_dashboard=False, runtime_env=env)
+    upstream_init = ray.init
+
+    def init(*args, **kwargs):  # train_ppo_ray.py:21-24, train()'s first lines: every check is behind us
+        ray.init = upstream_init  # once: _start_ray calls the real one
+        _before_training(launch)
+
+    with _hierarchize_then(lambda args: _set(args, launch)), _replaced(ray, "init", init), _actor_replaced():
+        _run_openrlhf(launch["openrlhf_argv"])
+    if launch["soup_dir"]:
+        from openrlhf_bonesoup import hook  # the post-training hook; imported only when a launch ends
+
+        merged = hook.after_training(
+            launch["soup_dir"],
+            launch["backbone_index"],
+            launch["output_dir"],
+            merge_preferences=launch["merge_preferences"],
+            merge_output=launch["merge_output"],
+        )
+        for path in merged:
+            print(f"merged: {path}")
+
+
+def _before_training(launch: dict) -> None:
+    """In place of upstream train()'s ray.init: the backbone's soup entry, what the launch changed, then Ray
+    with our runtime_env (upstream's env_vars, our worker hook and config)."""
+    if launch["soup"]:
+        _register(launch)
+    for line in launch["notices"]:
+        print(line)
+    _start_ray(launch["runtime_env"], launch["ray"])
+
+
+def _register(launch: dict) -> None:
+    registered, specs = launch["soup"], launch["bonesoup"]["objectives"]
+    soup.init_soup(
+        launch["soup_dir"],
+        objectives=specs,
+        beta=registered["beta"],
+        matrix=coefficients.backbone_matrix(registered["beta"], len(specs)),
+        sft=registered["sft"],
+    )
+    # A backbone already trained keeps its status and checkpoint: this launch is recorded beside them
+    # (soup.register_backbone) until the post-training hook registers its checkpoint.
+    soup.register_backbone(
+        launch["soup_dir"],
+        launch["backbone_index"],
+        status="launched",
+        launch_args=registered["launch_args"],
+        output_dir=launch["output_dir"],
+    )
+
+
+def _start_ray(env: dict, local: dict) -> None:
+    # `local`: --cpu's own local cluster (cpu.local_ray); else Ray's default: the cluster of this node or job.
+    import ray
+
+    ray.init(runtime_env=env, **local)
+
+
+def _run_openrlhf(argv: list[str]) -> None:
+    global _running_openrlhf
+    sys.argv = [UPSTREAM, *argv]
+    _running_openrlhf = True
+    try:
+        with _one_line_parser_errors():
+            runpy.run_module(UPSTREAM, run_name="__main__", alter_sys=True)
+    finally:
+        _running_openrlhf = False
+
+
+@contextlib.contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name = value` while the block runs: each seam into upstream's code, restored after."""
+    upstream = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, upstream)
+
+
+def _hierarchize_then(step) -> contextlib.AbstractContextManager:
+    # Upstream's main imports hierarchize at call time, right after parsing (train_ppo_ray.py:628-630):
+    # `step(args)` sees (and may change) its parsed args before any of its checks.
+    import openrlhf.utils.config as config
+
+    upstream = config.hierarchize
+
+    def hierarchize(args):
+        args = upstream(args)
+        step(args)
+        return args
+
+    return _replaced(config, "hierarchize", hierarchize)
+
+
+def _actor_replaced() -> contextlib.AbstractContextManager:
+    # train_ppo_ray binds the name when it is imported, which runpy does inside the block.
+    import openrlhf.trainer.ray.launcher as launcher
+
+    from openrlhf_bonesoup.integration.actor import RewardModelActor
+
+    return _replaced(launcher, "RewardModelActor", RewardModelActor)
+
+
+@contextlib.contextmanager
+def _one_line_parser_errors() -> Iterator[None]:
+    """OpenRLHF's parser answers a mistyped flag with its whole usage (150 lines): one line instead, with
+    the closest flags of OpenRLHF's parser and ours (difflib over their option strings)."""
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        # argparse keeps every option string in _option_string_actions; it has no public list of them.
+        known = [*parser._option_string_actions, *build_parser()._option_string_actions]
+        flags = [w.split("=")[0] for w in message.split() if w.startswith("--")]
+        if message.startswith("unrecognized arguments:") and flags:
+            hints = []
+            for flag in flags:
+                close = difflib.get_close_matches(flag, known, n=3)
+                hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else f"{flag} (no flag is close)")
+            message = f"unrecognized arguments: {', '.join(hints)}; see --help"
+        raise BoneSoupError(message)
+
+    with _replaced(argparse.ArgumentParser, "error", error):
+        yield
+
+
+def _hide_cpu_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_deepspeed() -> None:
+    """Hide DeepSpeed's "[WARNING] Setting accelerator to CPU", logged when OpenRLHF imports it on a machine
+    without a GPU: noise where nothing trains (--help, --dry_run, the CLI's commands). A launch keeps it."""
+    logging.getLogger("DeepSpeed").addFilter(_hide_cpu_notice)  # the logger DeepSpeed creates on import

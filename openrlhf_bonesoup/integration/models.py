@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from openrlhf_bonesoup.integration.cpu import provide_flash_attn_2_cuda
+from openrlhf_bonesoup.integration.imports import provide_flash_attn_2_cuda
 
 
 class LoaderUnavailable(ImportError):
