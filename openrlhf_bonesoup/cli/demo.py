@@ -12,7 +12,7 @@ from openrlhf_bonesoup.coefficients import BoneSoupError
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the recipe on tiny LMs: OpenRLHF PPO on CPU, Bone Soup vs Rewarded Soup")
     p.add_argument("--output", required=True, help="folder for results.json, demo.png, the soups and logs")
-    p.add_argument("--steps", type=int, help="PPO steps per backbone (default 24)")  # recipe_demo.STEPS
+    p.add_argument("--steps", type=int, help="PPO steps per backbone (default 24)")  # demo.recipe.STEPS
     p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
     p.add_argument("--analytic", action="store_true", help="the Theorem 1 check on quadratic rewards instead (4 s)")
     p.add_argument("--beta", type=float, default=0.7, help="--analytic: diagonal of B, in (1/2, 1] (default 0.7)")
@@ -22,9 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.analytic:
         return _recipe(args)
-    from openrlhf_bonesoup import demo
+    from openrlhf_bonesoup.demo import analytic
 
-    r = demo.run_demo(args.output, args.beta)
+    r = analytic.run_demo(args.output, args.beta)
     print(f"quadratic rewards, beta {r['beta']:g}: two soups merged at 101 preferences in {r['seconds']:.1f} s")
     print(f"hypervolume, 11 preferences, reference {r['reference_point']} (this instance): {r['hypervolume']}")
     print(
@@ -41,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import recipe_demo
+    from openrlhf_bonesoup.demo import recipe
 
-    steps = recipe_demo.STEPS if args.steps is None else args.steps
+    steps = recipe.STEPS if args.steps is None else args.steps
     if steps < 1:
         raise BoneSoupError(f"--steps takes a positive number of PPO steps, got {steps}")
     try:
-        r = recipe_demo.run(args.output, steps=steps, seed=args.seed)
-    except KeyboardInterrupt:  # the running launch and its processes are ended by then (recipe_demo._run)
+        r = recipe.run(args.output, steps=steps, seed=args.seed)
+    except KeyboardInterrupt:  # the running launch and its processes are ended by then (demo/recipe.py's _run)
         print(f"interrupted; the same command starts again from scratch in {args.output}", file=sys.stderr)
         return 130
     print(f"hypervolume above the SFT policy {[round(v, 4) for v in r['sft']]}: {r['hypervolume']}")

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     import transformers
 
-    from openrlhf_bonesoup import tiny
+    from openrlhf_bonesoup.demo import tiny
 
     # Only the commands on stdout: OpenRLHF and DeepSpeed log there when imported; no loading bars.
     transformers.logging.set_verbosity_error()
