@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup.coefficients import backbone_matrix
-from openrlhf_bonesoup.recipe_demo import SOUPS, STEPS
+from openrlhf_bonesoup.demo.recipe import SOUPS, STEPS
 
 CLI = Path(sys.executable).with_name("openrlhf-bonesoup")
 

@@ -13,8 +13,9 @@ import argparse
 
 import numpy as np
 
-from openrlhf_bonesoup import demo, evaluate
+from openrlhf_bonesoup import evaluate
 from openrlhf_bonesoup.coefficients import backbone_matrix, merge_coefficients, preference_grid
+from openrlhf_bonesoup.demo import analytic
 
 
 def main() -> None:
@@ -29,10 +30,10 @@ def main() -> None:
         wins = 0
         for _ in range(args.instances):
             c, a = rng.normal(size=(2, dim)), np.exp(rng.normal(size=(2, dim)))
-            thetas = [demo.optimum(row, c, a) for row in matrix]
+            thetas = [analytic.optimum(row, c, a) for row in matrix]
             lambdas = [merge_coefficients(matrix, mu) for mu in grid]
-            bone = np.array([demo.rewards(lam[0] * thetas[0] + lam[1] * thetas[1], c, a) for lam in lambdas])
-            rewarded = np.array([demo.rewards(mu[0] * c[0] + mu[1] * c[1], c, a) for mu in grid])
+            bone = np.array([analytic.rewards(lam[0] * thetas[0] + lam[1] * thetas[1], c, a) for lam in lambdas])
+            rewarded = np.array([analytic.rewards(mu[0] * c[0] + mu[1] * c[1], c, a) for mu in grid])
             ref = evaluate.common_reference([bone, rewarded])
             wins += evaluate.hypervolume(bone, ref) > evaluate.hypervolume(rewarded, ref)
         print(f"beta {args.beta:g}, dimension {dim}: Bone Soup's hypervolume larger on {wins} of {args.instances}")

@@ -50,8 +50,8 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from openrlhf_bonesoup.coefficients import backbone_matrix  # noqa: E402
+from openrlhf_bonesoup.demo.tiny import CORPUS  # noqa: E402
 from openrlhf_bonesoup.merge import merge_soup  # noqa: E402
-from openrlhf_bonesoup.tiny import CORPUS  # noqa: E402
 
 CONCURRENCY = 8
 MAX_TOKENS = 32

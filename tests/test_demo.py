@@ -7,8 +7,9 @@ import pytest
 from safetensors.numpy import load_file
 from scipy.optimize import minimize
 
-from openrlhf_bonesoup import demo, soup
+from openrlhf_bonesoup import soup
 from openrlhf_bonesoup.cli import main
+from openrlhf_bonesoup.demo import analytic
 
 # Theorem 1's interval of mu_1, ((1 - s) / 2, (1 + s) / 2) with s = sqrt(2 beta^2 - 2 beta + 1), worked
 # out by hand: beta 0.6: s = sqrt(0.52); 0.7: sqrt(0.58); 0.8: sqrt(0.68).
@@ -19,12 +20,12 @@ def measured_win_interval(beta: float) -> list[float]:
     """Where mu . r(Bone Soup) >= mu . r(Rewarded Soup) on the demo's instance, at mu_1 = 0, 0.01, ..., 1:
     from the closed-form optima (checked against scipy below) and numpy's own linear solve."""
     matrix = np.array([[beta, 1 - beta], [1 - beta, beta]])
-    backbones = np.stack([demo.optimum(row) for row in matrix])
+    backbones = np.stack([analytic.optimum(row) for row in matrix])
     wins = []
     for m in np.linspace(0, 1, 101):
         mu = np.array([m, 1 - m])
-        bone = demo.rewards(np.linalg.solve(matrix.T, mu) @ backbones)
-        rewarded = demo.rewards(mu @ np.array(demo.CENTERS))
+        bone = analytic.rewards(np.linalg.solve(matrix.T, mu) @ backbones)
+        rewarded = analytic.rewards(mu @ np.array(analytic.CENTERS))
         wins.append(mu @ bone >= mu @ rewarded - 1e-9)
     runs, start = [], None
     for k, win in enumerate([*wins, False]):
@@ -39,7 +40,7 @@ def measured_win_interval(beta: float) -> list[float]:
 
 @pytest.mark.parametrize("beta", [0.6, 0.7, 0.8])
 def test_demo_win_interval_contains_the_theorem_interval(tmp_path, beta):
-    r = demo.run_demo(tmp_path / "out", beta)
+    r = analytic.run_demo(tmp_path / "out", beta)
     lo, hi = THEOREM[beta]
     assert r["theorem_interval"] == [pytest.approx(lo, abs=1e-6), pytest.approx(hi, abs=1e-6)]
     assert r["win_interval"] == pytest.approx(measured_win_interval(beta), abs=1e-9)
@@ -55,7 +56,7 @@ def test_demo_win_interval_contains_the_theorem_interval(tmp_path, beta):
 
 
 def test_demo_soups_and_merges_are_real(tmp_path):
-    demo.run_demo(tmp_path, 0.7)
+    analytic.run_demo(tmp_path, 0.7)
     manifest = soup.read_soup(tmp_path / "bone_soup")
     assert manifest["beta"] == 0.7 and manifest["matrix"] == [[0.7, 0.3], [0.3, 0.7]]  # recorded as written
     backbones = [load_file(p + "/model.safetensors")["theta"] for p in soup.trained_backbones(manifest)]
@@ -77,8 +78,8 @@ def test_demo_soups_and_merges_are_real(tmp_path):
 
 def test_closed_form_optimum_matches_numerical_optimisation():
     for weights in ([1, 0], [0.7, 0.3], [0.2, 0.8]):
-        found = minimize(lambda t, w=weights: -np.dot(w, demo.rewards(t)), x0=np.zeros(2)).x
-        np.testing.assert_allclose(demo.optimum(weights), found, atol=1e-5)
+        found = minimize(lambda t, w=weights: -np.dot(w, analytic.rewards(t)), x0=np.zeros(2)).x
+        np.testing.assert_allclose(analytic.optimum(weights), found, atol=1e-5)
 
 
 def test_theorem_holds_on_random_instances():
@@ -90,11 +91,11 @@ def test_theorem_holds_on_random_instances():
         mus = [np.array([m, 1 - m]) for m in np.linspace(lo, hi, 41)]
         for _ in range(60):
             c, a = rng.normal(size=(2, 3)), np.exp(rng.normal(size=(2, 3)))
-            thetas = [demo.optimum(row, c, a) for row in matrix]
+            thetas = [analytic.optimum(row, c, a) for row in matrix]
             for mu in mus:
                 lam = np.linalg.solve(matrix.T, mu)
-                bone = demo.rewards(lam[0] * thetas[0] + lam[1] * thetas[1], c, a)
-                rewarded = demo.rewards(mu[0] * c[0] + mu[1] * c[1], c, a)
+                bone = analytic.rewards(lam[0] * thetas[0] + lam[1] * thetas[1], c, a)
+                rewarded = analytic.rewards(mu[0] * c[0] + mu[1] * c[1], c, a)
                 assert mu @ bone >= mu @ rewarded - 1e-9
 
 
@@ -121,18 +122,18 @@ def test_demo_cli(tmp_path, capsys):
 @pytest.mark.parametrize("beta", [0.6, 0.7, 0.8])
 def test_n3_region_where_bone_soup_wins(beta):
     """n = 3: checked against backbones found by numerical optimisation, not the closed form."""
-    region = demo.win_region_n3(beta)
+    region = analytic.win_region_n3(beta)
     t = region["wins_where_min_mu_at_least"]
     assert 0 < t < 1 / 3 and 0.5 < region["share_won"] < 1
-    c, a = np.eye(3), np.asarray(demo.CURVATURES_3)
+    c, a = np.eye(3), np.asarray(analytic.CURVATURES_3)
     b = np.full((3, 3), (1 - beta) / 2) + np.eye(3) * (beta - (1 - beta) / 2)  # B by hand: beta on the diagonal
-    found = [minimize(lambda x, w=row: -np.dot(w, demo.rewards(x, c, a)), x0=np.zeros(3)).x for row in b]
+    found = [minimize(lambda x, w=row: -np.dot(w, analytic.rewards(x, c, a)), x0=np.zeros(3)).x for row in b]
     rng = np.random.default_rng(0)
     for mu in rng.dirichlet([1, 1, 1], 400):
         bone = np.linalg.solve(b.T, mu) @ np.stack(found)
-        gain = mu @ demo.rewards(bone, c, a) - mu @ demo.rewards(mu, c, a)  # Rewarded Soup: theta = mu
+        gain = mu @ analytic.rewards(bone, c, a) - mu @ analytic.rewards(mu, c, a)  # Rewarded Soup: theta = mu
         if mu.min() >= t:
             assert gain >= -1e-5, (mu, gain)
     corner = np.array([1.0, 0.0, 0.0])  # r_1's own optimum is Rewarded Soup's corner: Bone Soup loses there
     bone = np.linalg.solve(b.T, corner) @ np.stack(found)
-    assert corner @ demo.rewards(bone, c, a) < corner @ demo.rewards(corner, c, a) - 1e-3
+    assert corner @ analytic.rewards(bone, c, a) < corner @ analytic.rewards(corner, c, a) - 1e-3

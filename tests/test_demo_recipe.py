@@ -22,8 +22,9 @@ import pytest
 from conftest import launch_serve, stop_serve, wait_serve
 from openai import OpenAI
 
-from openrlhf_bonesoup import evaluate, recipe_demo, soup
+from openrlhf_bonesoup import evaluate, soup
 from openrlhf_bonesoup.cli import build_parser, main
+from openrlhf_bonesoup.demo import recipe
 
 # A shortened demo: 16 of the default 24 steps (~40 s less). In two 24-step runs every backbone's training
 # reward had risen from ~0.23 to 0.43-0.80 by step 16 (some fell again later); the first 16-step run
@@ -66,24 +67,24 @@ def test_ctrl_c_ended_the_first_run_and_left_nothing_blocking(demo):
 def test_every_file_it_writes(demo):
     out = demo["out"]
     results = json.loads((out / "results.json").read_text())
-    assert results["format"] == recipe_demo.FORMAT and results["steps"] == STEPS
+    assert results["format"] == recipe.FORMAT and results["steps"] == STEPS
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / recipe_demo.MARKER).is_file()
+    assert (out / recipe.MARKER).is_file()
     logs = sorted(p.name for p in (out / "logs").iterdir())
     assert logs == ["bone_soup0.log", "bone_soup1.log", "build.log", "evaluate.log",
                     "rewarded_soup0.log", "rewarded_soup1.log"]  # fmt: skip
-    for name, beta in recipe_demo.SOUPS.items():
+    for name, beta in recipe.SOUPS.items():
         manifest = soup.read_soup(out / name)
-        assert manifest["beta"] == beta and [o["name"] for o in manifest["objectives"]] == recipe_demo.NAMES
+        assert manifest["beta"] == beta and [o["name"] for o in manifest["objectives"]] == recipe.NAMES
         assert [b["status"] for b in manifest["backbones"]] == ["trained", "trained"]
         assert manifest["sft"] == str(out / "models" / "sft")
         # the last launch's post-training hook merged the corners
         assert sorted(p.name for p in (out / name / "merged").iterdir()) == ["mu_0.00_1.00", "mu_1.00_0.00"]
         evaluation = json.loads((out / "eval" / name / "results.json").read_text())
-        assert evaluation["backend"] == "vllm" and len(evaluation["mean"]) == recipe_demo.GRID
+        assert evaluation["backend"] == "vllm" and len(evaluation["mean"]) == recipe.GRID
         assert evaluation["reference_point"] == results["sft"]
         assert results["fronts"][name] == evaluation["mean"]
-        assert len(list((out / "eval" / name / "models").iterdir())) == recipe_demo.GRID
+        assert len(list((out / "eval" / name / "models").iterdir())) == recipe.GRID
     # one line per stage, then the summary and the serve command of the soup it trained
     lines = demo["stdout"].splitlines()
     assert [line.split("]")[0] for line in lines[:9]] == [f"[{k}/9" for k in range(1, 10)]
@@ -133,7 +134,7 @@ def test_each_backbone_moved_its_reward_above_the_sft_policy(demo):
 
 def test_the_plot_draws_the_fronts_in_results_json(demo):
     results = json.loads((demo["out"] / "results.json").read_text())
-    fig, drawn = recipe_demo.figure(results)
+    fig, drawn = recipe.figure(results)
     lines = [np.column_stack(line.get_data()).tolist() for line in fig.axes[0].lines]
     for soup_name in ("bone_soup", "rewarded_soup"):
         # the joined line: results.json's non-dominated points of that soup, in the order of objective 1
@@ -157,7 +158,7 @@ def test_the_objectives_score_the_text_a_user_sees(tmp_path):
     """OpenRLHF hands reward functions the rollouts decoded with their special tokens; the demo's
     objectives score them without, as vLLM, evaluate and serve return the text (with them, `</s>`
     alone, an immediate stop, earned `late` 0.25 and `<s>` 0.33)."""
-    paths = recipe_demo.build(tmp_path, prompts=2)
+    paths = recipe.build(tmp_path, prompts=2)
     early, late = (runpy.run_path(spec["path"])["reward_func"] for spec in json.loads(paths["objectives"].read_text()))
     prompt = "Human: Tell me about tea. Assistant:"
     responses = ["abc", "xyz", "</s>", "<s><s><pad>", "ab<s>yz</s>", " Ab, Yz!"]

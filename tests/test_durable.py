@@ -197,14 +197,14 @@ def test_an_interrupted_evaluate_resumes_from_what_it_finished(small_soup, tmp_p
 
 
 def test_a_demo_interrupted_by_ctrl_c_does_not_block_its_rerun(tmp_path, monkeypatch, capsys):
-    from openrlhf_bonesoup import demo
+    from openrlhf_bonesoup.demo import analytic
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(demo, "_merged_rewards", interrupted)
+        m.setattr(analytic, "_merged_rewards", interrupted)
         assert main(["demo", "--analytic", "--output", str(tmp_path / "d")]) == 130
     assert (tmp_path / "d" / "bone_soup" / "soup.json").is_file() and not (tmp_path / "d" / "results.json").exists()
     assert main(["demo", "--analytic", "--output", str(tmp_path / "d")]) == 0
-    assert json.loads((tmp_path / "d" / "results.json").read_text())["format"] == demo.FORMAT
+    assert json.loads((tmp_path / "d" / "results.json").read_text())["format"] == analytic.FORMAT

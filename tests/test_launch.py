@@ -8,7 +8,7 @@ it, one GPU shared through OpenRLHF's hybrid engine.
 
 Objectives mix the three kinds a user has: an OpenRLHF-format RM on the policy's tokenizer, an HF
 classifier on its own tokenizer, and a reward_func file reading the dataset's labels
-(openrlhf_bonesoup/tiny.py builds them, as `openrlhf-bonesoup tiny` does for users).
+(openrlhf_bonesoup/demo/tiny.py builds them, as `openrlhf-bonesoup tiny` does for users).
 
 - backbone 0 through our launcher: 3 PPO steps at a learning rate that moves the policy. It saves a
   policy that differs from the SFT model, registers backbone 0 in soup.json, logs each objective's
@@ -40,7 +40,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from openrlhf_bonesoup import lora, soup, tiny
+from openrlhf_bonesoup import lora, soup
+from openrlhf_bonesoup.demo import tiny
 from openrlhf_bonesoup.integration import cpu
 from openrlhf_bonesoup.integration.worker import STATE_KEY
 

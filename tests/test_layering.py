@@ -2,6 +2,7 @@
 
 - Only `openrlhf_bonesoup/integration/` imports OpenRLHF (docs/architecture.md): every `import openrlhf...`
   and `from openrlhf... import`, wherever it stands in a module (top level, a function, TYPE_CHECKING).
+- The demos (`openrlhf_bonesoup/demo/`) are not the library: only the CLI and the demos import them.
 - No import cycle among the package's own modules. The cycle check counts module-level imports only
   (those at the top of a module, in a module-level `if`/`try` too, but not under `if TYPE_CHECKING:`):
   they run when the module is imported, so a cycle of them can break start-up. An import inside a
@@ -126,6 +127,25 @@ def test_only_integration_imports_openrlhf():
         if not module.startswith(f"{PACKAGE}.integration") and (found := openrlhf_imports(tree, module))
     }
     assert not outside, f"only {PACKAGE}/integration/ may import openrlhf (docs/architecture.md): {outside}"
+
+
+def test_only_the_cli_imports_the_demos():
+    demo = f"{PACKAGE}.demo"
+    outside = {
+        module: sorted(names)
+        for module, tree in trees().items()
+        if not module.startswith((f"{demo}.", f"{PACKAGE}.cli")) and module != demo
+        if (
+            names := {
+                name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import | ast.ImportFrom)
+                for name in imported_names(node, module)
+                if name == demo or name.startswith(f"{demo}.")
+            }
+        )
+    }
+    assert not outside, f"the library imports the demos: {outside}"
 
 
 def test_no_import_cycle_among_the_package_modules():

@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 
 from openrlhf_bonesoup import cli, serve, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
+from openrlhf_bonesoup.demo.tiny import CORPUS
 from openrlhf_bonesoup.merge import sweep_outputs
-from openrlhf_bonesoup.tiny import CORPUS
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"

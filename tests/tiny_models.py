@@ -1,6 +1,6 @@
 """Tiny random checkpoints and tokenizers built locally: no model hub, nothing downloaded.
 
-The policy, reward model, classifier and tokenizer builders are the package's own (openrlhf_bonesoup/tiny.py,
+The policy, reward model, classifier and tokenizer builders are the package's own (openrlhf_bonesoup/demo/tiny.py,
 which `openrlhf-bonesoup tiny` uses for a CPU rehearsal); the test-only ones are here. The GPU tests build
 them with hidden size 256 (see tests/conftest.py, `tiny_gpu`).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from openrlhf_bonesoup.tiny import make_hf_classifier, make_llama_lm, make_openrlhf_rm, make_tokenizer
+from openrlhf_bonesoup.demo.tiny import make_hf_classifier, make_llama_lm, make_openrlhf_rm, make_tokenizer
 
 __all__ = ["make_gpt2_lm", "make_hf_classifier", "make_llama_lm", "make_lora_adapter", "make_openrlhf_rm"]
 __all__ += ["make_deberta_classifier", "make_tokenizer"]

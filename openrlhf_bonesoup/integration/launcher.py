@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlhf_bonesoup import coefficients, combiners, objectives, soup
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.coefficients import BoneSoupError, Parser
 from openrlhf_bonesoup.integration import cpu, imports, worker
 
 UPSTREAM = "openrlhf.cli.train_ppo_ray"
@@ -52,14 +52,9 @@ GPU_MODULES = ("vllm", "flash_attn_2_cuda")  # OpenRLHF imports them; only GPU m
 _running_openrlhf = False  # True while _run_openrlhf runs OpenRLHF's main (see add_arguments)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise BoneSoupError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: an OpenRLHF flag must never be taken for a prefix of one of ours.
-    parser = _Parser(prog=PROG, add_help=False, allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = Parser(prog=PROG, add_help=False, allow_abbrev=False, description=__doc__.split("\n")[0])
     _add_flags(parser)
     return parser
 

@@ -63,7 +63,7 @@ def reward_func(queries, prompts, labels):
 
 def build(out: Path, prompts: int) -> dict[str, Path]:
     """The SFT policy, the two objective files and the prompt file under `out`."""
-    from openrlhf_bonesoup import tiny
+    from openrlhf_bonesoup.demo import tiny
 
     paths = {"policy": out / "sft"}
     tokenizer = tiny.make_tokenizer(out / "tokenizer", "llama")
@@ -85,7 +85,7 @@ def build(out: Path, prompts: int) -> dict[str, Path]:
 def launch_argv(paths: dict, out: Path, soup: str, j: int, steps: int, seed: int) -> list[str]:
     """One backbone's `--cpu` launch: `steps` PPO steps of ROLLOUTS rollouts, a learning rate that moves a tiny
     policy."""
-    from openrlhf_bonesoup import tiny
+    from openrlhf_bonesoup.demo import tiny
 
     args = tiny.rehearsal_argv(paths, out, j)
     settings = {"--beta": SOUPS[soup], "--soup_dir": out / soup, "--ckpt.output_dir": out / "backbones" / f"{soup}{j}"}
