@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import upstream
 
-from openrlhf_bonesoup import tiny
+from openrlhf_bonesoup.demo import tiny
 from openrlhf_bonesoup.integration import launcher
 
 OURS = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
