@@ -11,15 +11,22 @@ refused. test_launch.py trains real launches of these recipes.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import upstream
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
 
+from openrlhf_bonesoup import lora, soup
 from openrlhf_bonesoup.demo import tiny
 from openrlhf_bonesoup.integration import launcher
 
+CUDA = torch.cuda.is_available()
 OURS = [sys.executable, "-m", "openrlhf_bonesoup.cli.train_ppo_ray"]
 BONESOUP = ["--cpu", "--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "0"]
 # The objectives of the reward-function recipes: `correct` reads the label as a math verifier would, `length`
@@ -86,3 +93,142 @@ def test_every_recipe_takes_the_flags(recipe, models, tmp_path):
         if words is not None and words != [str(now)]:
             assert plan["cpu"][option][1] == now, (option, plan["cpu"])
             assert plan["cpu"][option][2]  # the printed reason
+
+
+# --- the five recipes, trained: 2 steps each, on CPU ----------------------------------------------------------
+
+AGENT = """import torch
+from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
+
+
+class AgentInstance(AgentInstanceBase):  # two turns; the environment answers each and rewards 5, then 2
+    def __init__(self, *args, **kwargs):
+        self.turn = 0
+
+    async def reset(self, states, **kwargs):
+        return {"observation": states["observation"]}
+
+    async def step(self, states, **kwargs):
+        self.turn += 1
+        done = self.turn == 2
+        return {"rewards": torch.tensor(5.0 if self.turn == 1 else 2.0), "scores": torch.tensor(1.0),
+                "environment_feedback": " Checked." if done else " Again:", "done": done,
+                "sampling_params": states["sampling_params"], "extra_logs": {}}
+
+
+class AgentExecutor(MultiTurnAgentExecutor):
+    def __init__(self):
+        super().__init__(AgentInstance)
+"""
+# DAPO with a LoRA policy, as a user adds it (LoRA at ten times full fine-tuning's rate: step 1 must move the
+# policy well beyond the sync check's gap), and DAPO's overlong penalty: with a buffer as long as
+# max_new_tokens, a response of L tokens loses L / 16 * 0.5, applied by upstream's trainer to h_j.
+LORA = ["--ds.lora.rank", "8", "--ds.lora.alpha", "16", "--actor.adam.lr", "1e-1"]
+OVERLONG = ["--reward.overlong_buffer_len", "16", "--reward.overlong_penalty_factor", "0.5"]
+
+
+def launch(recipe: str, models: dict, tmp: Path, extra: list[str] = ()) -> dict[str, dict[int, float]]:
+    """Trains backbone 0 of the recipe for 2 steps; checks what every recipe must show; returns the logs."""
+    (tmp / "agent.py").write_text(AGENT)
+    argv = upstream.replace(command(recipe, models, tmp, tmp / "agent.py"), dict.fromkeys(extra[::2]))
+    command_line = [*OURS, *argv, *extra]
+    with open(tmp / "log", "w") as out:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run(command_line, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=1500)
+    assert done.returncode == 0, (tmp / "log").read_text()[-8000:]
+
+    backbone = soup.read_soup(tmp / "soup")["backbones"][0]
+    assert backbone["status"] == "trained" and backbone["checkpoint"] == str((tmp / "out" / "backbone").resolve())
+    logs = scalars(tmp / "out" / "tb")
+    names = {"ppo_rm": ["rm", "rm2"]}.get(recipe, ["correct", "length"])
+    assert set(logs["train/reward"]) == {1, 2} and all(set(logs[f"train/reward/{n}"]) == {1, 2} for n in names)
+    return logs
+
+
+def moved(models: dict, checkpoint: Path) -> bool:
+    saved = AutoModelForCausalLM.from_pretrained(str(checkpoint)).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(str(models["policy"])).state_dict()
+    return any(not torch.equal(sft[k].float(), saved[k].float()) for k in sft)
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard run under `log_dir`: {tag: {step: value}}."""
+    (run,) = {p.parent for p in log_dir.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def h0(logs: dict, names: list[str], step: int) -> float:
+    return 0.7 * logs[f"train/reward/{names[0]}"][step] + 0.3 * logs[f"train/reward/{names[1]}"][step]
+
+
+@pytest.mark.skipif(CUDA, reason="rehearsals of multi-GPU recipes with --cpu")
+@pytest.mark.parametrize("recipe", ["ppo_rm", "ppo_reward_fn"])
+def test_the_ppo_recipes_train_on_h_j(recipe, models, tmp_path):
+    """PPO with a critic (GAE): reward models given as --reward.model_name_or_path A,B (colocated, every group
+    in one placement group, with upstream's --reward.normalize_enable: each RM's own stored mean and std, before
+    the combination), and reward functions as --reward.remote_url a.py,b.py (actor and reference colocated,
+    DeepSpeed's optimizer offload)."""
+    logs = launch(recipe, models, tmp_path)
+    assert moved(models, tmp_path / "out" / "backbone")
+    names = {"ppo_rm": ["rm", "rm2"]}.get(recipe, ["correct", "length"])
+    for step in (1, 2):
+        assert logs["train/reward"][step] == pytest.approx(h0(logs, names, step), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="rehearsals of multi-GPU recipes with --cpu")
+def test_the_dapo_recipe_with_lora_filters_and_penalises_h_j(models, tmp_path):
+    """DAPO (group_norm, dynamic filtering on h_j, k3 KL loss, clip-higher), colocated, ZeRO 3, with a LoRA
+    policy whose weight sync OpenRLHF 0.11.2 cannot do alone (integration/lora_sync.py) and DAPO's overlong
+    penalty. vLLM gets the merged weights: its log-probs stay close to the actor's after the adapter moved."""
+    logs = launch("dapo", models, tmp_path, [*LORA, *OVERLONG])
+    adapter = tmp_path / "out" / "backbone"
+    assert lora.is_adapter(adapter) and (adapter / lora.ADAPTER_WEIGHTS).is_file()  # ZeRO 3's .bin converted
+    for step in (1, 2):
+        penalty = 0.5 * logs["rollout/response_length_mean"][step] / 16  # the mean of L / 16 * 0.5
+        assert penalty > 0
+        want = h0(logs, ["correct", "length"], step) - penalty
+        assert logs["train/reward"][step] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        # every h_j lies inside the recipe's range (0, 1): the filter kept all, 2 samples per prompt drawn
+        assert logs["train/dynamic_filtering_pass_rate"][step] == 200.0
+    # LoRA's B starts at zero: step 2's rollouts are the first from a moved policy, generated by vLLM from the
+    # merged weights the sync sent after step 1. Had vLLM kept its start (= the reference), its log-probs would
+    # differ from the actor's as the reference's do: train/vllm_kl = -train/kl, far from zero. vLLM runs
+    # W + s B A rounded once to bf16, the actor W x + s B A x: their gap grows with the adapter (2e-3 at
+    # train/kl 9e-2, 2026-12-07), so it is bounded relative to the distance from the reference.
+    kl, vllm_kl = logs["train/kl"][2], logs["train/vllm_kl"][2]
+    assert abs(kl) > 3e-3, "the LoRA policy did not move"
+    assert abs(vllm_kl) < abs(kl) / 10, logs["train/vllm_kl"]
+
+
+@pytest.mark.skipif(CUDA, reason="rehearsals of multi-GPU recipes with --cpu")
+def test_the_prorl_v2_recipe_trains_on_h_j(models, tmp_path):
+    """ProRL-v2 (REINFORCE++-baseline, dynamic filtering, k2 KL loss, ICEPOP correction, the stop-properly
+    penalty at 0: a truncated response's reward becomes 0), colocated, ZeRO 3."""
+    logs = launch("prorl_v2", models, tmp_path)
+    assert moved(models, tmp_path / "out" / "backbone")
+    for step in (1, 2):
+        truncated = logs["rollout/truncated_rate"][step]
+        # upstream zeroes each truncated sample's h_j: the logged mean is exact where all or none were truncated
+        if truncated in (0.0, 1.0):
+            want = (1 - truncated) * h0(logs, ["correct", "length"], step)
+            assert logs["train/reward"][step] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        else:
+            assert logs["train/reward"][step] <= h0(logs, ["correct", "length"], step) + 1e-5
+
+
+@pytest.mark.skipif(CUDA, reason="rehearsals of multi-GPU recipes with --cpu")
+def test_the_async_agent_recipe_trains_on_the_episodes_h_j(models, tmp_path):
+    """REINFORCE++-baseline with a multi-turn agent (upstream's AgentExecutor API), async with partial rollouts,
+    dynamic filtering, colocated, ZeRO 3: the objectives score each two-turn episode (prompt, both actions,
+    the environment's feedback), the backbone trains on h_0, and the agent's own reward (5 + 2) is only logged."""
+    logs = launch("agent_async", models, tmp_path)
+    assert moved(models, tmp_path / "out" / "backbone")
+    assert "(PPOTrainerAsync pid=" in (tmp_path / "log").read_text()  # upstream's async trainer
+    shortest = min(len(json.loads(line)["input"]) for line in models["prompts"].read_text().splitlines())
+    for step in (1, 2):
+        assert logs["train/reward"][step] == pytest.approx(h0(logs, ["correct", "length"], step), rel=1e-4, abs=1e-5)
+        assert logs["train/agent_reward"][step] == 7.0  # every episode's own reward, logged, not trained on
+        # `length` scored whole episodes: each holds a prompt and both feedback texts
+        assert logs["train/reward/length"][step] > (shortest + len(" Again:") + len(" Checked.")) / 1000
