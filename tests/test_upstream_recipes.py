@@ -222,7 +222,7 @@ def test_the_prorl_v2_recipe_trains_on_h_j(models, tmp_path):
 def test_the_async_agent_recipe_trains_on_the_episodes_h_j(models, tmp_path):
     """REINFORCE++-baseline with a multi-turn agent (upstream's AgentExecutor API), async with partial rollouts,
     dynamic filtering, colocated, ZeRO 3: the objectives score each two-turn episode (prompt, both actions,
-    the environment's feedback), the backbone trains on h_0, and the agent's own reward (5 per turn 1, 2 per turn 2) is only logged."""
+    the environment's feedback), the backbone trains on h_0, and the agent's own reward (5, then 2) is only logged."""
     logs = launch("agent_async", models, tmp_path)
     assert moved(models, tmp_path / "out" / "backbone")
     assert "(PPOTrainerAsync pid=" in (tmp_path / "log").read_text()  # upstream's async trainer
