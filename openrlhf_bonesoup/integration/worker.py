@@ -93,9 +93,13 @@ def _patch_experience_maker(module: ModuleType) -> None:
             end = start + len(raw_s)
             samples.rewards = torch.from_numpy(reward[start:end]).float()
             samples.info["reward"] = samples.rewards
+            # Copies with stride 1: a column of a (1, n) array has stride n yet counts as contiguous (one
+            # element), so .float() and .contiguous() keep that stride, and Ray's zero-copy pickling of
+            # tensors, which OpenRLHF turns on, fails on it ("self.stride(-1) must be 1").
+            row = {"memory_format": torch.contiguous_format}
             for i, name in enumerate(names):
-                samples.info[f"reward/{name}"] = torch.from_numpy(values[start:end, i]).float()
-                samples.info[f"reward_raw/{name}"] = raw_s[:, i].float()
+                samples.info[f"reward/{name}"] = torch.from_numpy(values[start:end, i]).float().clone(**row)
+                samples.info[f"reward_raw/{name}"] = raw_s[:, i].float().clone(**row)
             start = end
         return samples_list
 
