@@ -63,6 +63,8 @@ GPU_RECIPE_OPTIONS = ["--ds.packing_samples", "--train.dynamic_batch_enable", "-
 GPU_RECIPE_OPTIONS += ["--vllm.enable_sleep", "--ds.enable_sleep", "--vllm.sync_backend", "nccl"]
 # ProRL-v2's async REINFORCE++-baseline (examples/scripts): rollouts of step k+1 generated while step k trains.
 ASYNC_RECIPE = ["--train.async_enable", "--rollout.n_samples_per_prompt", "2"]
+# GSPO: the sequence-level importance ratio in the policy loss (upstream's models/loss.py), fed h_j's advantages.
+ASYNC_RECIPE += ["--actor.policy_loss_type", "gspo"]
 
 
 def argv(models: dict, out: Path, index: int, tb: Path, steps: int) -> list[str]:
