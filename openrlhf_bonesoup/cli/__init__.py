@@ -127,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if alpha == "auto":  # the reference's search on a validation split, then per-objective alphas
         import torch
 
-        from openrlhf_bonesoup import evaluate
+        from openrlhf_bonesoup import evaluate, generation
 
         spec = args.objectives or (manifest["objectives"] if manifest else None)
         if spec is None or args.alpha_prompts is None:
@@ -135,7 +135,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         _quiet_model_loading()
         objs = objectives.load_objectives(spec, device="cuda" if torch.cuda.is_available() else "cpu")
         val = evaluate.read_prompts(args.alpha_prompts, backbones[0], **{k: getattr(args, k) for k in evaluate.DATA})
-        sampling = {k: getattr(args, k) for k in evaluate.SAMPLING}
+        sampling = {k: getattr(args, k) for k in generation.SAMPLING}
         workdir = Path(outputs[0]).parent / ".alpha_search"
         search = evaluate.search_alpha(backbones, matrix, sft, objs, val, workdir, sampling, **engine_kw)
         means = coefficients.clean(search["means"])
@@ -241,7 +241,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import evaluate, soup  # torch, transformers: loaded by this sub-command only
+    from openrlhf_bonesoup import evaluate, generation, soup  # torch, transformers: loaded by this sub-command only
 
     _quiet_model_loading()
     preferences = coefficients.preference_sweep(soup.read_soup(args.soup_dir)["n"], args.grid, args.preferences)
@@ -260,7 +260,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         alpha=_alpha(args.alpha),
         alpha_prompts=args.alpha_prompts,
         data={k: getattr(args, k) for k in evaluate.DATA},
-        sampling={k: getattr(args, k) for k in evaluate.SAMPLING},
+        sampling={k: getattr(args, k) for k in generation.SAMPLING},
         compare=compare,
         reference=parse_floats(args.reference, "--reference") if args.reference else None,
         label=args.label,
@@ -291,10 +291,10 @@ def _alpha(text: str) -> float | str:
 
 
 def cmd_select_beta(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import evaluate
+    from openrlhf_bonesoup import indicators
 
     reference = parse_floats(args.reference, "--reference") if args.reference else None
-    out = coefficients.clean(evaluate.select_beta(args.results, reference))
+    out = coefficients.clean(indicators.select_beta(args.results, reference))
     if args.json:
         print(json.dumps(out))
         return 0
