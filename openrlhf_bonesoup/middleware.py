@@ -6,7 +6,7 @@ else its model name "bonesoup:0.3,0.7", else the default; a bad one is an OpenAI
 body for vLLM, and names every response and stream chunk "bonesoup:<mu>" with a "bonesoup" block
 (`_patched`: a JSON body whole, server-sent events one by one). Only the routes in ROUTES are open: another
 vLLM route could generate without a preference. Full weights: `Turns` runs requests in groups of one
-preference, and a switch reloads the weights in place (serve.SoupWorker). vLLM builds the middleware by
+preference, and a switch reloads the weights in place (serve.switch). vLLM builds the middleware by
 import path, so it finds the soup in serve.SERVED, which serve.run fills.
 """
 
@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from openrlhf_bonesoup.coefficients import BoneSoupError
-from openrlhf_bonesoup.serve import MODEL, SERVED, Soup
+from openrlhf_bonesoup.serve import MODEL, SERVED, Soup, switch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Preferences:
             return await call()
         if "turns" not in SERVED:
             engine = scope["app"].state.engine_client
-            SERVED["turns"] = Turns(lambda mu: _switch(engine, soup, mu))
+            SERVED["turns"] = Turns(lambda mu: switch(engine, soup, mu))
         try:
             await SERVED["turns"].run(mu, call)
         except RuntimeError as e:
@@ -222,11 +222,3 @@ class Turns:
             group["ready"].set()
             self.switching = None
             self._next()
-
-
-async def _switch(engine, soup: Soup, mu: tuple) -> None:
-    await engine.pause_generation(mode="wait", clear_cache=True)  # the prefix cache holds the old weights' keys
-    try:
-        await engine.collective_rpc("bonesoup_load", args=([str(p) for p in soup.inputs], soup.weights(mu)))
-    finally:
-        await engine.resume_generation()

@@ -183,6 +183,16 @@ class SoupWorker:
         self.reload_weights(weights_iterator=merged_tensors([Path(p) for p in inputs], weights))
 
 
+async def switch(engine, soup: Soup, mu: tuple) -> None:
+    """Load preference mu's merged weights into the running engine: pause it, SoupWorker.bonesoup_load in
+    every worker, resume. The middleware's Turns calls it between groups of one preference."""
+    await engine.pause_generation(mode="wait", clear_cache=True)  # the prefix cache holds the old weights' keys
+    try:
+        await engine.collective_rpc("bonesoup_load", args=([str(p) for p in soup.inputs], soup.weights(mu)))
+    finally:
+        await engine.resume_generation()
+
+
 # ---------------------------------------------------------------------------------------------- the server
 
 
