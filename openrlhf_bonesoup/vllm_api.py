@@ -9,9 +9,9 @@ traceback at a user's request time.
 
 What the plugin uses, and where:
 - serve.py: the server's own argument parser and its validation, the API server's worker entry (serve
-  passes the socket it bound), the LoRA resolver registry and LoRARequest, the CPU platform check, and
-  the worker method `reload_weights(weights_iterator=...)` (through `--worker-extension-cls`).
-- evaluate.py: `vllm.LLM` with engine options parsed by vLLM's own EngineArgs parser,
+  passes the socket it bound), the LoRA resolver registry, the CPU platform check, and the worker method
+  `reload_weights(weights_iterator=...)` (through `--worker-extension-cls`); lora_resolver.py: LoRARequest.
+- generation.py: `vllm.LLM` with engine options parsed by vLLM's own EngineArgs parser,
   `collective_rpc("reload_weights", weights_path=...)`, `reset_prefix_cache`, and the engine core
   client's `shutdown` (the LLM object has no close of its own).
 - integration/cpu.py (`--cpu` only): vLLM's stateless torch process group on gloo, and the model

@@ -22,7 +22,7 @@ import pytest
 from conftest import launch_serve, stop_serve, wait_serve
 from openai import OpenAI
 
-from openrlhf_bonesoup import evaluate, soup
+from openrlhf_bonesoup import indicators, soup
 from openrlhf_bonesoup.cli import build_parser, main
 from openrlhf_bonesoup.demo import recipe
 
@@ -129,7 +129,7 @@ def test_each_backbone_moved_its_reward_above_the_sft_policy(demo):
     assert all(g > 0 for gain in gains.values() for g in gain), gains
     # the hypervolumes are those of the fronts against the SFT point
     for name, front in results["fronts"].items():
-        assert results["hypervolume"][name] == pytest.approx(evaluate.hypervolume(np.asarray(front), sft))
+        assert results["hypervolume"][name] == pytest.approx(indicators.hypervolume(np.asarray(front), sft))
 
 
 def test_the_plot_draws_the_fronts_in_results_json(demo):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from openrlhf_bonesoup import checkpoints, evaluate, files, soup
+from openrlhf_bonesoup import checkpoints, evaluate, files, generation, soup
 from openrlhf_bonesoup.cli import main
 from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix
 from openrlhf_bonesoup.merge_engine import merge_checkpoints
@@ -162,15 +162,15 @@ def test_an_interrupted_evaluate_resumes_from_what_it_finished(small_soup, tmp_p
     whole = evaluate.evaluate(small_soup, prefs, prompts, tmp_path / "whole", **kw)
 
     generated = []
-    real = evaluate.generate
+    real = generation.Generator.generate
 
-    def interrupted(model, texts, sampling):  # Ctrl-C while the second preference generates
+    def interrupted(generator, model, texts):  # Ctrl-C while the second preference generates
         generated.append(model.name)
         if len(generated) == 2:
             raise KeyboardInterrupt
-        return real(model, texts, sampling)
+        return real(generator, model, texts)
 
-    monkeypatch.setattr(evaluate, "generate", interrupted)
+    monkeypatch.setattr(generation.Generator, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         evaluate.evaluate(small_soup, prefs, prompts, tmp_path / "out", **kw)
     assert sorted(p.name for p in (tmp_path / "out" / "generations").iterdir()) == ["mu_0.00_1.00.jsonl"]
@@ -178,7 +178,7 @@ def test_an_interrupted_evaluate_resumes_from_what_it_finished(small_soup, tmp_p
     with pytest.raises(BoneSoupError, match="other settings"):  # interrupted, but with other preferences
         evaluate.evaluate(small_soup, prefs[:1], prompts, tmp_path / "out", **kw)
     generated.clear()
-    monkeypatch.setattr(evaluate, "generate", lambda *a: generated.append(a[0].name) or real(*a))
+    monkeypatch.setattr(generation.Generator, "generate", lambda *a: generated.append(a[1].name) or real(*a))
     again = evaluate.evaluate(small_soup, prefs, prompts, tmp_path / "out", **kw)
     assert generated == ["mu_0.50_0.50", "mu_1.00_0.00"]  # the finished preference is not redone
     assert again["mean"] == whole["mean"] and again["sem"] == whole["sem"]

@@ -12,7 +12,7 @@ from rollouts import reference_rm
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from openrlhf_bonesoup import evaluate, objectives, soup
+from openrlhf_bonesoup import evaluate, generation, objectives, soup
 from openrlhf_bonesoup.cli import main
 from openrlhf_bonesoup.coefficients import (
     REFERENCE_ALPHAS,
@@ -91,9 +91,10 @@ def test_evaluate_end_to_end(soup_dir, tiny, tmp_path, capsys):
         assert float(rows[k]["rm_gpt2_mean"]) == pytest.approx(means[k, 1])
     # seeded sampling: the same merged model gives the same responses again
     hf = {"max_new_tokens": 6, "batch_size": 2, "backend": "transformers"}
-    assert evaluate.generate(out / "models" / "mu_0.50_0.50", PROMPTS, hf) == [
-        json.loads(x)["response"] for x in (out / "generations" / "mu_0.50_0.50.jsonl").read_text().splitlines()
-    ]
+    with generation.Generator(hf) as generator:
+        assert generator.generate(out / "models" / "mu_0.50_0.50", PROMPTS) == [
+            json.loads(x)["response"] for x in (out / "generations" / "mu_0.50_0.50.jsonl").read_text().splitlines()
+        ]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second run into the same folder refuses to overwrite merged models unless asked
@@ -153,11 +154,11 @@ def test_the_alpha_search_picks_each_objectives_best_candidate(tmp_path, monkeyp
         (tmp_path / f"objective{i}.py").write_text(QUADRATIC.format(i=i, target=target))
     objs = objectives.load_objectives(f"{tmp_path / 'objective0.py'},{tmp_path / 'objective1.py'}")
 
-    def answer_with_weights(model, prompts, sampling):
+    def answer_with_weights(generator, model, prompts):
         theta = load_file(str(model / "model.safetensors"))["theta"].tolist()
         return [",".join(map(repr, theta))] * len(prompts)
 
-    monkeypatch.setattr(evaluate, "generate", answer_with_weights)
+    monkeypatch.setattr(generation.Generator, "generate", answer_with_weights)
     search = evaluate.search_alpha(
         backbones[:2], backbone_matrix(0.7, 2), str(backbones[2]), objs, ["weights:"], tmp_path / "work", {}
     )

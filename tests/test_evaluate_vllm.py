@@ -19,7 +19,7 @@ import tiny_models
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from openrlhf_bonesoup import evaluate, objectives, soup
+from openrlhf_bonesoup import evaluate, generation, objectives, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
 
 PROMPTS = [
@@ -95,11 +95,13 @@ def _pairwise_order(means: np.ndarray, tol: float = 1e-3) -> np.ndarray:
     return np.sign(np.where(np.abs(diff) < tol, 0.0, diff))
 
 
-def test_vllm_branch_matches_transformers(vllm_soup, tmp_path):
+def test_vllm_branch_matches_transformers(vllm_soup, tmp_path, monkeypatch):
     prompts = vllm_soup.parent / "prompts.jsonl"
+    closed, close = [], generation.Generator.close  # whether each close found an engine running
+    monkeypatch.setattr(generation.Generator, "close", lambda self: closed.append(self.llm is not None) or close(self))
     with_vllm = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "vllm", sampling=GREEDY)
     assert with_vllm["backend"] == "vllm"
-    assert not evaluate._ENGINE  # the engine is shut down once the evaluation ends
+    assert closed == [True]  # the engine is shut down once the evaluation ends
 
     hf = {**GREEDY, "backend": "transformers"}
     with_hf = evaluate.evaluate(vllm_soup, PREFERENCES, prompts, tmp_path / "hf", sampling=hf)
@@ -121,13 +123,11 @@ def test_sampled_responses_are_drawn_independently_per_prompt_and_reproducibly(t
     # vLLM engine flags as evaluate's `-- FLAGS` passes them (a 70B soup's --tensor-parallel-size 8 on a GPU)
     flags = ["--max-num-seqs", "3", "--max-model-len", "192"]
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "backend": "vllm", "vllm_flags": flags}
-    try:
-        first = evaluate.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6, sampling)
-        again = evaluate.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6, sampling)
-        config = evaluate._ENGINE["llm"].llm_engine.vllm_config
+    with generation.Generator(sampling) as generator:
+        first = generator.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6)
+        again = generator.generate(tiny_gpu["policy"], ["Human: Tell me about tea. Assistant:"] * 6)
+        config = generator.llm.llm_engine.vllm_config
         assert (config.scheduler_config.max_num_seqs, config.model_config.max_model_len) == (3, 192)
-    finally:
-        evaluate.close_engine()
     assert len(set(first)) == 6, first
     assert again == first
 
@@ -161,8 +161,6 @@ def test_every_response_has_a_token_as_in_openrlhfs_rollouts(tiny_gpu, tmp_path)
     prompts = ["Human: Tell me about tea. Assistant:"] * 3
     for backend in ("vllm", "transformers"):
         sampling = {"temperature": 1.0, "max_new_tokens": 8, "backend": backend}
-        try:
-            responses = evaluate.generate(tmp_path / "ends", prompts, sampling)
-        finally:
-            evaluate.close_engine()
+        with generation.Generator(sampling) as generator:
+            responses = generator.generate(tmp_path / "ends", prompts)
         assert all(len(r) > 0 for r in responses), (backend, responses)

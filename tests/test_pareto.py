@@ -1,4 +1,4 @@
-"""Fronts and indicators of evaluate.py against values worked out by hand, the plot, and select-beta."""
+"""Fronts and indicators (indicators.py) against values worked out by hand, the plot, and select-beta."""
 
 import json
 
@@ -6,7 +6,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
-from openrlhf_bonesoup import evaluate
+from openrlhf_bonesoup import evaluate, indicators
 from openrlhf_bonesoup.cli import main
 from openrlhf_bonesoup.coefficients import BoneSoupError
 
@@ -36,19 +36,19 @@ from openrlhf_bonesoup.coefficients import BoneSoupError
     ],
 )
 def test_hypervolume_by_hand(points, reference, expected):
-    assert evaluate.hypervolume(np.array(points, dtype=float), reference) == pytest.approx(expected)
+    assert indicators.hypervolume(np.array(points, dtype=float), reference) == pytest.approx(expected)
 
 
 def test_common_reference_is_the_nadir_of_all_fronts():
     a = np.array([[1.0, 5.0], [4.0, 2.0]])
     b = np.array([[0.5, 6.0], [3.0, 3.0]])
-    assert evaluate.common_reference([a, b]).tolist() == [0.5, 2.0]
+    assert indicators.common_reference([a, b]).tolist() == [0.5, 2.0]
 
 
 def test_pareto_mask():
     points = np.array([[1, 3], [2, 2], [3, 1], [1, 1], [2, 2], [0.5, 3]], dtype=float)
     # (1,1) and (0.5,3) are dominated; of the two (2,2) the first is kept
-    assert evaluate.pareto_mask(points).tolist() == [True, True, True, False, False, False]
+    assert indicators.pareto_mask(points).tolist() == [True, True, True, False, False, False]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,19 +60,19 @@ GRID = np.array([[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
 def test_controllability_monotone():
     # objective 1 rises with mu_1 (not linearly), objective 2 rises with mu_2 = 1 - mu_1
     means = np.stack([GRID[:, 0] ** 3 - 4.0, np.exp(GRID[:, 1])], axis=1)
-    assert evaluate.controllability(GRID, means) == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert indicators.controllability(GRID, means) == [pytest.approx(1.0), pytest.approx(1.0)]
 
 
 def test_controllability_non_monotone_and_reversed():
     # y = [0, 3, 1, 4, 2]: ranks [1, 4, 2, 5, 3] against [1..5]; sum d^2 = 10; rho = 1 - 6*10/(5*24) = 0.5
     # objective 2 falls as its own weight rises: rho = -1
     means = np.array([[0, 0], [3, 1], [1, 2], [4, 3], [2, 4]], dtype=float)
-    assert evaluate.controllability(GRID, means) == [pytest.approx(0.5), pytest.approx(-1.0)]
+    assert indicators.controllability(GRID, means) == [pytest.approx(0.5), pytest.approx(-1.0)]
 
 
 def test_controllability_undefined_for_a_constant_score():
     means = np.array([[1, 0], [1, 1], [1, 2], [1, 3], [1, 4]], dtype=float)
-    assert evaluate.controllability(GRID, means) == [None, pytest.approx(-1.0)]
+    assert indicators.controllability(GRID, means) == [None, pytest.approx(-1.0)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,17 +82,17 @@ def test_controllability_undefined_for_a_constant_score():
 def test_win_interval_longest_run():
     theirs = np.zeros((5, 2))
     ours = np.array([[-1, -1], [1, 1], [0, 0], [1, 1], [-1, -1]], dtype=float)  # ties count as wins
-    assert evaluate.win_interval(GRID, ours, theirs) == [0.25, 0.75]
+    assert indicators.win_interval(GRID, ours, theirs) == [0.25, 0.75]
     ours = np.array([[1, 1], [-1, -1], [1, 1], [1, 1], [1, 1]], dtype=float)
-    assert evaluate.win_interval(GRID, ours, theirs) == [0.5, 1.0]
-    assert evaluate.win_interval(GRID, -np.ones((5, 2)), theirs) is None
+    assert indicators.win_interval(GRID, ours, theirs) == [0.5, 1.0]
+    assert indicators.win_interval(GRID, -np.ones((5, 2)), theirs) is None
 
 
 def test_win_interval_uses_the_scalarised_reward():
     # at mu = (0.25, 0.75): ours 0.25*4 + 0.75*0 = 1 < theirs 0.25*0 + 0.75*2 = 1.5
     ours = np.array([[0, 0], [4, 0], [0, 0], [0, 0], [0, 0]], dtype=float)
     theirs = np.array([[0, 0], [0, 2], [0, 0], [0, 0], [0, 0]], dtype=float)
-    assert evaluate.win_interval(GRID, ours, theirs) == [0.5, 1.0]
+    assert indicators.win_interval(GRID, ours, theirs) == [0.5, 1.0]
 
 
 def test_win_interval_ties_lost_to_round_off_still_win():
@@ -102,14 +102,14 @@ def test_win_interval_ties_lost_to_round_off_still_win():
     same = [1.0, 1.0]
     # at mu = (0.1, 0.9): -0.1 + 0.45 = 0.35 = 0.08 + 0.27, but in floats 0.35 < 0.35000000000000003
     ours, theirs = np.array([same, [-1.0, 0.5], same]), np.array([same, [0.8, 0.3], same])
-    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 1.0]
+    assert indicators.win_interval(prefs, ours, theirs) == [0.0, 1.0]
     # scores near 5e7: 12709100 - 66966299.55 = 12870200 - 67127399.55 = -54257199.55, 7e-9 apart in floats
     ours = np.array([same, [127091000.0, -74406999.5], same])
     theirs = np.array([same, [128702000.0, -74585999.5], same])
-    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 1.0]
+    assert indicators.win_interval(prefs, ours, theirs) == [0.0, 1.0]
     # 0.9 * 1e-6 below a tie: a loss, so the two single wins at mu_1 = 0 and 1; the first is kept
     ours = np.array([same, [-1.0, 0.5 - 1e-6], same])
-    assert evaluate.win_interval(prefs, ours, np.array([same, [0.8, 0.3], same])) == [0.0, 0.0]
+    assert indicators.win_interval(prefs, ours, np.array([same, [0.8, 0.3], same])) == [0.0, 0.0]
 
 
 def test_win_interval_tolerance_is_1e_9_absolute_below_1_and_relative_above():
@@ -122,20 +122,20 @@ def test_win_interval_tolerance_is_1e_9_absolute_below_1_and_relative_above():
     # 0.1 * 9000007.2 + 0.9 * -1000000.8 = 900000.72 - 900000.72 = 0 in decimal; in floats ~1.2e-10 below 0
     assert -1e-9 < 0.1 * 9000007.2 + 0.9 * -1000000.8 < -1e-11
     ours, theirs = np.array([same, [9000007.2, -1000000.8], same]), np.array([same, [0.0, 0.0], same])
-    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 1.0]
+    assert indicators.win_interval(prefs, ours, theirs) == [0.0, 1.0]
     # -0.1 * (1 + 3e-8) + 0.45 = 0.35 - 3e-9 against 0.08 + 0.27 = 0.35: a loss
     ours, theirs = np.array([same, [-1.0 - 3e-8, 0.5], same]), np.array([same, [0.8, 0.3], same])
-    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 0.0]
+    assert indicators.win_interval(prefs, ours, theirs) == [0.0, 0.0]
     # near -54257199.55: 1.5 less on objective 1 is 0.15 less at mu_1 = 0.1, 2.8e-9 of the score: a loss
     ours = np.array([same, [127091000.0 - 1.5, -74406999.5], same])
     theirs = np.array([same, [128702000.0, -74585999.5], same])
-    assert evaluate.win_interval(prefs, ours, theirs) == [0.0, 0.0]
+    assert indicators.win_interval(prefs, ours, theirs) == [0.0, 0.0]
 
 
 def test_summarise_mean_sem_front():
     samples = [np.array([[1.0, 4.0], [3.0, 6.0]]), np.array([[0.0, 0.0], [0.0, 2.0]]), np.array([[5.0, 1.0]])]
     prefs = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
-    out = evaluate.summarise(prefs, samples, ["a", "b"])
+    out = indicators.summarise(prefs, samples, ["a", "b"])
     assert out["mean"] == [[2.0, 5.0], [0.0, 1.0], [5.0, 1.0]]
     # sem = std(ddof=1) / sqrt(2): std of (1, 3) is sqrt(2), so 1; one sample has none
     assert out["sem"] == [[pytest.approx(1.0), pytest.approx(1.0)], [0.0, pytest.approx(1.0)], [None, None]]
@@ -153,8 +153,8 @@ def test_pareto_png_draws_the_fronts_of_results_json(tmp_path, monkeypatch):
     prefs = [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
     means = [[1.0, 5.0], [3.0, 4.0], [2.0, 2.0], [5.0, 1.0], [4.0, 3.0]]
     rewarded = {"mean": [[2.5, 0.5], [0.5, 4.0], [1.5, 1.0]], "preferences": [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]}
-    results = {"label": "bone_soup", **evaluate.summarise(prefs, [np.array([m]) for m in means], ["r1", "r2"])}
-    evaluate.add_fronts(results, {"rewarded_soup": rewarded}, None)
+    results = {"label": "bone_soup", **indicators.summarise(prefs, [np.array([m]) for m in means], ["r1", "r2"])}
+    indicators.add_fronts(results, {"rewarded_soup": rewarded}, None)
     figures = []  # the figure pareto.png is saved from, read back below
     savefig = matplotlib.figure.Figure.savefig
 
@@ -191,7 +191,7 @@ def test_select_beta_picks_the_largest_hypervolume(tmp_path, capsys):
         _write_run(tmp_path / "b07.json", 0.7, [[1, 3], [2, 2.5], [3, 1]]),
         _write_run(tmp_path / "b08.json", 0.8, [[1, 3], [2, 2], [3, 1]]),
     ]
-    out = evaluate.select_beta(runs)
+    out = indicators.select_beta(runs)
     assert out["reference_point"] == [1.0, 1.0]
     assert [r["hypervolume"] for r in out["runs"]] == [pytest.approx(0.25), pytest.approx(1.5), pytest.approx(1.0)]
     assert out["best"]["beta"] == 0.7
@@ -214,12 +214,12 @@ def test_select_beta_refuses_incomparable_runs(tmp_path, capsys):
     b = _write_run(tmp_path / "b.json", 0.7, [[1, 3], [3, 1]], prefs=((0.0, 1.0), (1.0, 0.0)))
     c = _write_run(tmp_path / "c.json", 0.8, [[1, 3], [2, 2], [3, 1]], objectives=("a", "c"))
     with pytest.raises(BoneSoupError, match="different preferences"):
-        evaluate.select_beta([a, b])
+        indicators.select_beta([a, b])
     with pytest.raises(BoneSoupError, match="objectives"):
-        evaluate.select_beta([a, c])
+        indicators.select_beta([a, c])
     twin = _write_run(tmp_path / "a2.json", 0.6, [[1, 3], [2, 2.5], [3, 1]])
     with pytest.raises(BoneSoupError, match="beta 0.6 is given twice"):
-        evaluate.select_beta([a, twin])
+        indicators.select_beta([a, twin])
     (tmp_path / "d.json").write_text(json.dumps({"mean": [[1, 2]], "objectives": ["a", "b"]}))
     assert main(["select-beta", a, str(tmp_path / "d.json")]) == 2
     assert main(["select-beta", a]) == 2

@@ -32,7 +32,7 @@ from conftest import launch_serve, stop_serve, wait_serve
 from openai import OpenAI
 from safetensors.torch import load_file
 
-from openrlhf_bonesoup import cli, serve, soup
+from openrlhf_bonesoup import cli, middleware, serve, soup
 from openrlhf_bonesoup.coefficients import backbone_matrix
 from openrlhf_bonesoup.demo.tiny import CORPUS
 from openrlhf_bonesoup.merge import sweep_outputs
@@ -364,7 +364,7 @@ def test_turns_run_one_preference_at_a_time_in_groups():
             log.append(("switch", mu))
             await asyncio.sleep(0.01)
 
-        turns = serve.Turns(switch)
+        turns = middleware.Turns(switch)
         active = set()
 
         async def request(mu, seconds):

@@ -77,7 +77,7 @@ def parse_alpha(text: str) -> float | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import evaluate, soup  # torch, transformers: loaded by this sub-command only
+    from openrlhf_bonesoup import evaluate, generation, soup  # torch, transformers: loaded by this sub-command only
 
     quiet_model_loading()
     preferences = coefficients.preference_sweep(soup.read_soup(args.soup_dir)["n"], args.grid, args.preferences)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=parse_alpha(args.alpha),
         alpha_prompts=args.alpha_prompts,
         data={k: getattr(args, k) for k in evaluate.DATA},
-        sampling={k: getattr(args, k) for k in evaluate.SAMPLING},
+        sampling={k: getattr(args, k) for k in generation.SAMPLING},
         compare=compare,
         reference=parse_floats(args.reference, "--reference") if args.reference else None,
         label=args.label,

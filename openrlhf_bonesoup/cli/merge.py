@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if alpha == "auto":  # the reference's search on a validation split, then per-objective alphas
         import torch
 
-        from openrlhf_bonesoup import evaluate
+        from openrlhf_bonesoup import evaluate, generation
 
         spec = args.objectives or (manifest["objectives"] if manifest else None)
         if spec is None or args.alpha_prompts is None:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         quiet_model_loading()
         objs = objectives.load_objectives(spec, device="cuda" if torch.cuda.is_available() else "cpu")
         val = evaluate.read_prompts(args.alpha_prompts, backbones[0], **{k: getattr(args, k) for k in evaluate.DATA})
-        sampling = {k: getattr(args, k) for k in evaluate.SAMPLING}
+        sampling = {k: getattr(args, k) for k in generation.SAMPLING}
         workdir = Path(outputs[0]).parent / ".alpha_search"
         search = evaluate.search_alpha(backbones, matrix, sft, objs, val, workdir, sampling, **engine_kw)
         means = coefficients.clean(search["means"])

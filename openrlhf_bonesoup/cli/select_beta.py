@@ -20,10 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openrlhf_bonesoup import evaluate
+    from openrlhf_bonesoup import indicators
 
     reference = parse_floats(args.reference, "--reference") if args.reference else None
-    out = coefficients.clean(evaluate.select_beta(args.results, reference))
+    out = coefficients.clean(indicators.select_beta(args.results, reference))
     if args.json:
         print(json.dumps(out))
         return 0

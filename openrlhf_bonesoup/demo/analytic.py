@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup import evaluate, soup
+from openrlhf_bonesoup import indicators, plot, soup
 from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix, clean, preference_grid
 
 FORMAT = "openrlhf-bonesoup/demo/v1"
@@ -140,8 +140,8 @@ def run_demo(output: str | os.PathLike, beta: float = 0.7) -> dict:
     oracle = rewards(np.stack([optimum(mu) for mu in fine]))
 
     fronts = {"bone_soup": bone[coarse], "rewarded_soup": rewarded[coarse], "morlhf": oracle[coarse]}
-    ref = evaluate.common_reference(list(fronts.values()))
-    measured = evaluate.win_interval(prefs, bone, rewarded)
+    ref = indicators.common_reference(list(fronts.values()))
+    measured = indicators.win_interval(prefs, bone, rewarded)
     theorem = theorem_interval(beta)
     results = {
         "format": FORMAT,
@@ -152,16 +152,16 @@ def run_demo(output: str | os.PathLike, beta: float = 0.7) -> dict:
             "source": "stated instance of this demo (the paper's Theorem 1 setting)",
         },
         "beta": float(beta),
-        "hypervolume": {name: evaluate.hypervolume(front, ref) for name, front in fronts.items()},
+        "hypervolume": {name: indicators.hypervolume(front, ref) for name, front in fronts.items()},
         "hypervolume_preferences": prefs[coarse].tolist(),
         "reference_point": ref.tolist(),
-        "reference_rule": evaluate.REFERENCE_RULE,
+        "reference_rule": indicators.REFERENCE_RULE,
         "win_interval": measured,
         "win_interval_step": 1 / (FINE - 1),
         "theorem_interval": theorem,
         "win_contains_theorem": measured is not None and measured[0] <= theorem[0] and theorem[1] <= measured[1],
         "controllability": {
-            name: dict(zip(NAMES, evaluate.controllability(prefs, front), strict=True))
+            name: dict(zip(NAMES, indicators.controllability(prefs, front), strict=True))
             for name, front in (("bone_soup", bone), ("rewarded_soup", rewarded))
         },
         "claims": {
@@ -196,7 +196,7 @@ def _plot(path: Path, results: dict, prefs: np.ndarray, bone: np.ndarray, reward
     }
     # The oracle first, so that the Bone Soup points (often on it) are drawn on top.
     fronts = {labels[k]: {"mean": v} for k, v in reversed(results["fronts"].items())}
-    evaluate.plot_fronts(left, fronts, NAMES, results["reference_point"], "HV reference point")
+    plot.plot_fronts(left, fronts, NAMES, results["reference_point"], "HV reference point")
     left.set_title(
         "Fronts at 11 preferences; hypervolume (this instance):\n"
         + ", ".join(f"{labels[k]} {v:.1f}" for k, v in hv.items()),

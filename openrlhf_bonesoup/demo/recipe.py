@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup.coefficients import BoneSoupError, clean, preference_grid
+from openrlhf_bonesoup.generation import Generator
 
 FORMAT = "openrlhf-bonesoup/demo-recipe/v1"
 MARKER = ".openrlhf-bonesoup-demo"  # a folder holding it was written by this demo: a rerun may replace it
@@ -151,24 +152,24 @@ def _prepare(output: Path) -> None:
     (output / MARKER).write_text("written by `openrlhf-bonesoup demo`; a rerun into this folder replaces it\n")
 
 
-def sft_scores(paths: dict, sampling: dict, data: dict) -> np.ndarray:
-    """(N, 2) scores of the SFT policy's responses, generated as the soups' are."""
+def sft_scores(paths: dict, generator: Generator, data: dict) -> np.ndarray:
+    """(N, 2) scores of the SFT policy's responses, generated as the soups' are (by the same generator)."""
     from openrlhf_bonesoup import evaluate, objectives
 
     texts = evaluate.read_prompts(paths["prompts"], paths["policy"], **data)
-    responses = evaluate.generate(paths["policy"], texts, sampling)  # the engine both evaluations reuse
+    responses = generator.generate(paths["policy"], texts)  # the engine both evaluations reuse
     objs = objectives.load_objectives(str(paths["objectives"]))
-    return evaluate.score_responses(objs, texts, responses, sampling["batch_size"])
+    return evaluate.score_responses(objs, texts, responses, generator.sampling["batch_size"])
 
 
 def figure(results: dict) -> tuple:
-    """demo.png's figure: both fronts and the SFT point, drawn by evaluate's plot function."""
+    """demo.png's figure: both fronts and the SFT point, drawn by plot.plot_fronts (evaluate's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openrlhf_bonesoup import evaluate
+    from openrlhf_bonesoup import plot
 
     fig, ax = plt.subplots(figsize=(6, 5))
     hv = results["hypervolume"]
@@ -176,7 +177,7 @@ def figure(results: dict) -> tuple:
         f"{k} (beta {SOUPS[k]:g}, HV {hv[k]:.3g})": {"mean": v, "preferences": results["preferences"]}
         for k, v in results["fronts"].items()
     }
-    drawn = evaluate.plot_fronts(ax, fronts, NAMES, results["sft"], reference_label="SFT policy (reference point)")
+    drawn = plot.plot_fronts(ax, fronts, NAMES, results["sft"], reference_label="SFT policy (reference point)")
     ax.set_title("Tiny LMs trained by OpenRLHF PPO on CPU, 11 preferences\nreference point: the SFT policy", fontsize=9)
     fig.tight_layout()
     return fig, drawn
@@ -209,11 +210,12 @@ def run(output: str | os.PathLike, steps: int = STEPS, seed: int = 42, eval_prom
             tell(f"trained {soup_name} backbone {j}: {steps} PPO steps (log {log})")
 
     data = {**evaluate.DATA, "max_samples": eval_prompts}
-    sampling = {**evaluate.SAMPLING, "max_new_tokens": 16}
     evaluated = {}
+    with _quiet(output / "logs" / "evaluate.log"):  # importing vLLM logs
+        generator = Generator({"max_new_tokens": 16})
     try:  # one vLLM engine for the SFT policy and both soups (a start costs 15-20 s here): ours to close
         with _quiet(output / "logs" / "evaluate.log"):
-            sft = sft_scores(paths, sampling, data)
+            sft = sft_scores(paths, generator, data)
         reference = sft.mean(axis=0)
         tell(f"evaluated the SFT policy: {dict(zip(NAMES, np.round(reference, 4).tolist(), strict=True))}")
         for soup_name in SOUPS:
@@ -224,14 +226,14 @@ def run(output: str | os.PathLike, steps: int = STEPS, seed: int = 42, eval_prom
                     paths["prompts"],
                     output / "eval" / soup_name,
                     data=data,
-                    sampling=sampling,
+                    generator=generator,
                     reference=reference.tolist(),
                     label=soup_name,
                 )
             tell(f"merged and evaluated {soup_name} at {GRID} preferences through {evaluated[soup_name]['backend']}")
     finally:
         with _quiet(output / "logs" / "evaluate.log"):
-            evaluate.close_engine()
+            generator.close()
 
     results = clean(summary(output, evaluated, reference, steps, seed))  # 0.3, not 0.30000000000000004
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -242,7 +244,7 @@ def run(output: str | os.PathLike, steps: int = STEPS, seed: int = 42, eval_prom
 
 def summary(output: Path, evaluated: dict, reference: np.ndarray, steps: int, seed: int) -> dict:
     """results.json's content from both evaluations, and demo.png."""
-    from openrlhf_bonesoup import evaluate
+    from openrlhf_bonesoup import indicators
 
     fronts = {k: np.asarray(v["mean"]) for k, v in evaluated.items()}
     # Backbone j itself is the soup merged at mu = row j of its B (lambda = e_j), a point of the grid.
@@ -261,8 +263,8 @@ def summary(output: Path, evaluated: dict, reference: np.ndarray, steps: int, se
         "reference_point": reference.tolist(),
         "reference_rule": "the SFT policy's mean scores",
         "fronts": {k: v.tolist() for k, v in fronts.items()},
-        "hypervolume": {k: evaluate.hypervolume(v, reference) for k, v in fronts.items()},
-        "pareto": {k: evaluate.pareto_mask(v).tolist() for k, v in fronts.items()},
+        "hypervolume": {k: indicators.hypervolume(v, reference) for k, v in fronts.items()},
+        "pareto": {k: indicators.pareto_mask(v).tolist() for k, v in fronts.items()},
         "backbones": backbones,
         # Training moved backbone j as intended: its reward h_j = B_j . r above the SFT policy's.
         "moved": {
