@@ -1,5 +1,8 @@
 """The streaming merge engine: outputs[k] = sum_i weights[k][i] * inputs[i], tensor by tensor.
 
+(Over 400 lines on purpose: the pipeline's threads (readers, the flusher) and both devices share one chunk
+schedule and its buffers; split, each part would reach into the others' state.)
+
 It knows only merge plans (one weight per input, per output), so Bone Soup, Rewarded Soup, MORLHF
 interpolation and SFT extrapolation are the same code; merge.py turns preferences into plans.
 The arithmetic is an fp32 accumulation in input order, one fused multiply-add per term, rounded once to
