@@ -16,7 +16,8 @@ classifier on its own tokenizer, and a reward_func file reading the dataset's la
   rollout-vs-trainer check `train/vllm_kl` (vLLM's log-probs of its rollouts minus the actor's, with
   `--algo.advantage.is_correction_level token`) stays below 1e-3 after the policy moved: the weights
   really reached vLLM.
-- backbone 1 through OpenRLHF's own `python -m openrlhf.cli.train_ppo_ray` with patches/ applied.
+- backbone 1 through OpenRLHF's own `python -m openrlhf.cli.train_ppo_ray` with patches/ applied; on CPU it runs
+  OpenRLHF's PPO hybrid-engine recipe as written (tests/upstream_recipes), colocated.
 - backbone 2 completes the soup and merges it; on CPU it runs as ProRL-v2's async REINFORCE++-baseline
   recipe, with the GPU recipes' speed/memory options that --cpu turns off.
 - then `merge` at three preferences and `evaluate` through its vLLM branch.
@@ -37,6 +38,7 @@ from pathlib import Path
 import openrlhf
 import pytest
 import torch
+import upstream
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -115,18 +117,25 @@ def recipe(models, tmp_path_factory) -> dict:
     ckpt = ["--ckpt.path", str(root / "ckpt"), "--ckpt.save_steps", "1"]
     launch([*OURS, *argv(models, root, 0, root / "tb0", steps=3), *ckpt], root / "backbone0.log")
 
-    # Backbone 1 through OpenRLHF's own launcher, patched: a copy of the installed package first on the path.
+    # Backbone 1 through OpenRLHF's own launcher, patched: a copy of the installed package first on the path. On
+    # CPU it runs OpenRLHF's PPO hybrid-engine recipe (tests/upstream_recipes: its flags as written, every group
+    # colocated, --reward.normalize_enable, ZeRO 3, packing and sleep modes turned off by --cpu), the soup's
+    # objectives given by --objectives in place of the recipe's one reward model.
     patched = root / "patched"
     shutil.copytree(Path(openrlhf.__file__).parent, patched / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["patch", "-s", "-p1", "-i", str(PATCH)], cwd=patched, check=True)
-    upstream = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
+    openrlhf_launcher = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
     path = os.pathsep.join([str(patched), os.environ.get("PYTHONPATH", "")])
-    colocated = [] if CUDA else ["--train.colocate_all"]  # GPU_ARGS holds it on a GPU
-    launch(
-        [*upstream, *argv(models, root, 1, root / "tb1", steps=2), *colocated],
-        root / "backbone1.log",
-        {"PYTHONPATH": path},
-    )
+    if CUDA:
+        first = argv(models, root, 1, root / "tb1", steps=2)
+    else:
+        first = upstream.rehearsal("ppo_rm", root, models["policy"], models["prompts"], root / "ppo_rm")
+        swaps = {"--ckpt.output_dir": [str(root / "backbone1")], "--logger.tensorboard_dir": [str(root / "tb1")]}
+        first = upstream.replace(first, {"--reward.model_name_or_path": None, **swaps})
+        first += ["--logger.wandb.run_name", "run", "--objectives", str(models["objectives"]), "--cpu"]
+        first += ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "1"]
+        first += ["--soup_dir", str(root / "soup")]
+    launch([*openrlhf_launcher, *first], root / "backbone1.log", {"PYTHONPATH": path})
     # The last backbone's launch completes the soup: its post-training hook merges two preferences. On CPU it
     # also runs as ProRL-v2's async recipe does (ASYNC_RECIPE), with the speed/memory options of upstream's GPU
     # recipes, which --cpu turns off, one line each. (Upstream refuses async beside the one-GPU hybrid
