@@ -28,6 +28,7 @@ import json
 import runpy
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,29 +229,7 @@ def test_dynamic_filtering_keeps_the_prompts_whose_mean_h_j_is_in_range(cluster,
     assert [e.info["reward_raw/keep"].item() for e in accepted] == [1.0] * 6  # the trainer combines these
 
 
-AGENT = """import torch
-from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
-
-
-class AgentInstance(AgentInstanceBase):  # two turns: the environment answers each, rewards 5 then 2
-    def __init__(self, *args, **kwargs):
-        self.turn = 0
-
-    async def reset(self, states, **kwargs):
-        return {"observation": states["observation"]}
-
-    async def step(self, states, **kwargs):
-        self.turn += 1
-        done = self.turn == 2
-        return {"rewards": torch.tensor(5.0 if self.turn == 1 else 2.0), "scores": torch.tensor(1.0),
-                "environment_feedback": " Checked." if done else " Again:", "done": done,
-                "sampling_params": states["sampling_params"], "extra_logs": {}}
-
-
-class AgentExecutor(MultiTurnAgentExecutor):
-    def __init__(self):
-        super().__init__(AgentInstance)
-"""
+AGENT = Path(__file__).with_name("two_turn_agent.py")  # two turns, rewards 5 then 2
 LENGTH = "def reward_func(queries, prompts, labels):\n    return [len(q) / 100 for q in queries]\n"
 
 
@@ -259,14 +238,14 @@ def test_an_agents_episodes_are_scored_by_the_objectives(cluster, tiny, tiny_gpu
     its two-turn episode (each turn ends at a vowel; the environment's feedback appended to the trajectory),
     and the worker hook has the objectives score the final trajectory: reward and score are
     h_0 = 0.7 length + 0.3 keep, the agent's own reward is only logged."""
-    for name, code in (("agent", AGENT), ("length", LENGTH), ("keep", KEEP)):
+    for name, code in (("length", LENGTH), ("keep", KEEP)):
         (tmp_path / f"{name}.py").write_text(code)
     specs = [{"name": name, "path": str(tmp_path / f"{name}.py")} for name in ("length", "keep")]
     (tmp_path / "o.yaml").write_text(json.dumps(specs))
     argv = [
         *rollouts.launch_argv(tiny["policy"], tmp_path / "o.yaml"),
         "--train.agent_func_path",
-        str(tmp_path / "agent.py"),
+        str(AGENT),
     ]
     _, args = launcher.resolve(argv)
     env = {worker.CONFIG_ENV: json.dumps(args.bonesoup)}

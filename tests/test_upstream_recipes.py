@@ -98,29 +98,7 @@ def test_every_recipe_takes_the_flags(recipe, models, tmp_path):
 
 # --- the five recipes, trained: 2 steps each, on CPU ----------------------------------------------------------
 
-AGENT = """import torch
-from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
-
-
-class AgentInstance(AgentInstanceBase):  # two turns; the environment answers each and rewards 5, then 2
-    def __init__(self, *args, **kwargs):
-        self.turn = 0
-
-    async def reset(self, states, **kwargs):
-        return {"observation": states["observation"]}
-
-    async def step(self, states, **kwargs):
-        self.turn += 1
-        done = self.turn == 2
-        return {"rewards": torch.tensor(5.0 if self.turn == 1 else 2.0), "scores": torch.tensor(1.0),
-                "environment_feedback": " Checked." if done else " Again:", "done": done,
-                "sampling_params": states["sampling_params"], "extra_logs": {}}
-
-
-class AgentExecutor(MultiTurnAgentExecutor):
-    def __init__(self):
-        super().__init__(AgentInstance)
-"""
+AGENT = Path(__file__).with_name("two_turn_agent.py")  # two turns, rewards 5 then 2
 # A LoRA policy, as a user adds it to the PPO-with-a-reward-function recipe (LoRA at ten times full fine-tuning's
 # rate: step 1 must move the policy well beyond the sync check's gap). DAPO's overlong penalty, which its recipe
 # leaves out: with a buffer as long as max_new_tokens, a response of L tokens loses L / 16 * 0.5.
@@ -130,8 +108,7 @@ OVERLONG = ["--reward.overlong_buffer_len", "16", "--reward.overlong_penalty_fac
 
 def launch(recipe: str, models: dict, tmp: Path, extra: list[str] = ()) -> dict[str, dict[int, float]]:
     """Trains backbone 0 of the recipe for 2 steps; checks what every recipe must show; returns the logs."""
-    (tmp / "agent.py").write_text(AGENT)
-    argv = upstream.replace(command(recipe, models, tmp, tmp / "agent.py"), dict.fromkeys(extra[::2]))
+    argv = upstream.replace(command(recipe, models, tmp, AGENT), dict.fromkeys(extra[::2]))
     command_line = [*OURS, *argv, *extra]
     with open(tmp / "log", "w") as out:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
