@@ -39,6 +39,7 @@ import openrlhf
 import pytest
 import torch
 import upstream
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -245,7 +246,14 @@ def test_the_soup_merges_and_evaluates_through_vllm(recipe, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["backend"] == "vllm" and results["objectives"] == NAMES
-    assert len(results["mean"]) == 3 and (out / "pareto.png").stat().st_size > 0
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each preference's mean is that of its 4 responses' scores, as generations/ records them one per line
+    assert len(results["preferences"]) == len(results["mean"]) == 3
+    for mu, mean in zip(results["preferences"], results["mean"], strict=True):
+        lines = (out / "generations" / f"mu_{'_'.join(f'{x:.2f}' for x in mu)}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == 4 and all(r["response"] for r in records)
+        assert mean == pytest.approx([sum(r[name] for r in records) / 4 for name in NAMES], rel=1e-6, abs=1e-9)
 
 
 def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
@@ -278,7 +286,9 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
 
     backbone = tmp_path / "backbone0"
     assert soup.read_soup(tmp_path / "soup")["backbones"][0]["status"] == "trained"
-    assert lora.is_adapter(backbone) and (backbone / lora.ADAPTER_WEIGHTS).is_file()  # the hook converted ZeRO 3's .bin
+    assert lora.is_adapter(backbone)  # the hook converted ZeRO 3's .bin into safetensors
+    adapter = load_file(str(backbone / lora.ADAPTER_WEIGHTS))
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
     logs = scalars(tmp_path / "tb" / "run")
     for step in (1, 2):
         values = [logs[f"train/reward/{name}"][step] for name in ("bonus", "length")]

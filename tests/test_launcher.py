@@ -378,7 +378,7 @@ def test_a_failing_upstream_check_after_parsing_leaves_the_soup_untouched(tiny, 
     assert (tmp_path / "soup" / soup.MANIFEST).read_text() == before and len(started) == 1
 
 
-def test_relaunching_a_trained_backbone_keeps_it_until_a_new_checkpoint_is_registered(tiny, tmp_path, started):
+def test_relaunching_a_trained_backbone_keeps_it_until_a_new_checkpoint_is_registered(tiny, tmp_path, started, capsys):
     from openrlhf_bonesoup import hook
     from openrlhf_bonesoup.cli import main as cli
 
@@ -400,6 +400,10 @@ def test_relaunching_a_trained_backbone_keeps_it_until_a_new_checkpoint_is_regis
     assert entry["pending_launch"]["launch_args"] == again
     assert entry["pending_launch"]["output_dir"] == str(tmp_path / "again")
     assert soup.require_trained(soup_dir)[1] == [str(tmp_path / "ckpt0"), str(tmp_path / "ckpt1")]
+    capsys.readouterr()
+    assert cli(["soup", "show", "--soup_dir", str(soup_dir)]) == 0  # what a user reads says both
+    shown = capsys.readouterr().out
+    assert f"backbone 0: trained, {tmp_path / 'ckpt0'}\n    relaunched to {tmp_path / 'again'}: " in shown
     out = tmp_path / "merged"
     assert cli(["merge", "--soup_dir", str(soup_dir), "--preference", "0.5,0.5", "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file()

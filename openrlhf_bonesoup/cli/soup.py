@@ -94,6 +94,8 @@ def run_show(args: argparse.Namespace) -> int:
         entry = entry or {}
         where = entry.get("checkpoint") or entry.get("output_dir") or "-"
         print(f"  backbone {j}: {entry.get('status', 'missing')}, {where}")
+        if "pending_launch" in entry:  # a relaunch that has not registered a new checkpoint (yet)
+            print(f"    relaunched to {entry['pending_launch'].get('output_dir', '-')}: the checkpoint above stays")
     ready = soup.trained_backbones(manifest) is not None
     print(f"  ready to merge: {'yes' if ready else 'no (every backbone must be trained)'}")
     return 0
