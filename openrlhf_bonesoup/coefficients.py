@@ -6,34 +6,22 @@ code solves [[w11, w21], [w12, w22]] x = e_i, which is B^T). B is symmetric here
 but we solve with B^T so the formula reads as derived.
 
 Pure numpy on purpose: no torch, no openrlhf, so every stage (launcher, merge, evaluation) can use
-it anywhere. All checks raise BoneSoupError with a one-line message the CLI prints as is; so does a
-bad flag, through `Parser` (both command lines: `openrlhf-bonesoup` and the drop-in launcher).
+it anywhere. All checks raise errors.BoneSoupError with a one-line message the CLI prints as is.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from openrlhf_bonesoup.errors import BoneSoupError
+
 PREFERENCE_TOL = 1e-6
 # The reference code tries k = 1/(1-a), a in {0.1, ..., 0.5}, and merges k*theta + (1-k)*theta_sft,
 # which is (1+alpha)*theta - alpha*theta_sft with alpha = k - 1 = a/(1-a).
 REFERENCE_ALPHAS = tuple(round(a / (1 - a), 12) for a in (0.1, 0.2, 0.3, 0.4, 0.5))
-
-
-class BoneSoupError(ValueError):
-    """Bad user input (preference, beta, matrix, checkpoint...): one line, shown without a traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    # argparse prints the whole usage before its error; we promise one line, under the sub-command's name.
-    def error(self, message: str):  # type: ignore[override]
-        error = BoneSoupError(message)
-        error.prog = self.prog
-        raise error
 
 
 def backbone_matrix(beta: float, n: int) -> np.ndarray:

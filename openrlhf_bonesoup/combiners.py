@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from openrlhf_bonesoup import coefficients
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 COMBINERS = ("bonesoup", "linear", "single")
 

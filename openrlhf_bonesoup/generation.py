@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openrlhf_bonesoup import vllm_api
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 # The reference code samples with top_p 0.9 (top_k off) and 128 new tokens on its assistant task.
 # vLLM keeps 40% of the GPU free for the objectives' reward models, which share it.

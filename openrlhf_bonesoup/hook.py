@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openrlhf_bonesoup import checkpoints, files, lora, soup
-from openrlhf_bonesoup.coefficients import BoneSoupError, parse_preferences
+from openrlhf_bonesoup.coefficients import parse_preferences
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 REFERENCE_RULE = "common nadir: per objective, the lowest mean score over every front compared"
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 if TYPE_CHECKING:  # torch is imported where adapters are loaded: a full-weight CPU merge never needs it
     import torch

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openrlhf_bonesoup import lora, merge, vllm_api
-from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
+from openrlhf_bonesoup.coefficients import parse_floats
+from openrlhf_bonesoup.errors import BoneSoupError
 
 if TYPE_CHECKING:
     from openrlhf_bonesoup.serve import Soup

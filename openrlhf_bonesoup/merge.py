@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup import lora
-from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, clean, merge_coefficients, soup_weights
+from openrlhf_bonesoup.coefficients import check_matrix, clean, merge_coefficients, soup_weights
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.merge_engine import merge_checkpoints
 
 

@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 
 from openrlhf_bonesoup import checkpoints, lora, soup
 from openrlhf_bonesoup.checkpoints import ITEMSIZE, PROVENANCE
-from openrlhf_bonesoup.coefficients import BoneSoupError, clean
+from openrlhf_bonesoup.coefficients import clean
+from openrlhf_bonesoup.errors import BoneSoupError
 
 if TYPE_CHECKING:
     import torch

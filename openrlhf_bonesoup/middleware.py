@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.serve import MODEL, SERVED, Soup, switch
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 import yaml
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 KINDS = ("model", "http", "function")
 SPEC_KEYS = {

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from openrlhf_bonesoup import files
-from openrlhf_bonesoup.coefficients import BoneSoupError, clean
+from openrlhf_bonesoup.coefficients import clean
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.objectives import DEFAULT_MAX_LEN, Objective
 
 DEFAULT_RETRIES = 3

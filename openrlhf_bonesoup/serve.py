@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from openrlhf_bonesoup import checkpoints, lora, merge, vllm_api
-from openrlhf_bonesoup.coefficients import BoneSoupError, check_preference, clean, merge_coefficients, parse_floats
+from openrlhf_bonesoup.coefficients import check_preference, clean, merge_coefficients, parse_floats
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.lora_resolver import SoupResolver, lora_rank
 from openrlhf_bonesoup.merge_engine import weighted_sum
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup import files
-from openrlhf_bonesoup.coefficients import BoneSoupError, check_matrix, clean
+from openrlhf_bonesoup.coefficients import check_matrix, clean
+from openrlhf_bonesoup.errors import BoneSoupError
 
 MANIFEST = "soup.json"
 FORMAT = "openrlhf-bonesoup/soup/v1"

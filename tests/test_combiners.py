@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from openrlhf_bonesoup import combiners
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:

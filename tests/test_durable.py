@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from openrlhf_bonesoup import checkpoints, evaluate, files, generation, soup
 from openrlhf_bonesoup.cli import main
-from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix
+from openrlhf_bonesoup.coefficients import backbone_matrix
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.merge_engine import merge_checkpoints
 
 # --- merge --overwrite killed at each step of publishing ----------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from ray.runtime_env.runtime_env import _merge_runtime_env
 
 from openrlhf_bonesoup import soup
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.integration import launcher, worker
 
 OURS = ["--reward_combiner", "bonesoup", "--beta", "0.7", "--backbone_index", "1"]

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from openrlhf_bonesoup import cli, coefficients
 from openrlhf_bonesoup.checkpoints import PROVENANCE
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.merge import merge_soup, preference_name
 from openrlhf_bonesoup.merge_engine import merge_checkpoints
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_bonesoup import cli, coefficients, soup
 from openrlhf_bonesoup.checkpoints import PROVENANCE
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.hook import after_training
 
 PREFERENCES = "0,1;0.3,0.7;1,0"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from openrlhf_bonesoup import coefficients
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.merge import merge_soup
 from openrlhf_bonesoup.merge_engine import merge_checkpoints
 

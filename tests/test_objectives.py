@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from openrlhf_bonesoup import objectives, scoring
 from openrlhf_bonesoup.cli import main as cli_main
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 PROMPTS = ["Human: How do I bake bread? Assistant:", "Human: Tell me a joke. Assistant:", "Summarize: a fox. TL;DR:"]
 RESPONSES = [" Mix flour, water and salt, then bake.", " Why did the chicken cross the road?", " a fox jumps"]

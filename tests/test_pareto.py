@@ -8,7 +8,7 @@ import pytest
 
 from openrlhf_bonesoup import evaluate, indicators
 from openrlhf_bonesoup.cli import main
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 # ---------------------------------------------------------------------------------------------------
 # Hypervolume (maximisation): every expected value is a sum of rectangles drawn on paper.

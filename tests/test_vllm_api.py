@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from openrlhf_bonesoup import vllm_api
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def test_every_internal_the_plugin_uses_resolves_on_the_installed_vllm():

@@ -19,13 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 # Names only: `coefficients` here would be replaced by the sub-command module cli/coefficients.py once imported.
-from openrlhf_bonesoup.coefficients import (
-    BoneSoupError,
-    Parser,
-    backbone_matrix,
-    backbone_matrix_from_row,
-    parse_floats,
-)
+from openrlhf_bonesoup.coefficients import backbone_matrix, backbone_matrix_from_row, parse_floats
+from openrlhf_bonesoup.errors import BoneSoupError, Parser
 
 PROG = "openrlhf-bonesoup"
 ILL_CONDITIONED = 50.0  # condition number of B above which lambda is worth a warning (B(0.7), n = 2: 2.5)

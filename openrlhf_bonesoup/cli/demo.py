@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from openrlhf_bonesoup import coefficients
 from openrlhf_bonesoup.cli import quiet_model_loading
-from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
+from openrlhf_bonesoup.coefficients import parse_floats
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 from openrlhf_bonesoup import coefficients, objectives
 from openrlhf_bonesoup.cli import matrix_from_flags, quiet_model_loading
 from openrlhf_bonesoup.cli.evaluate import add_generation_flags, parse_alpha
-from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
+from openrlhf_bonesoup.coefficients import parse_floats
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

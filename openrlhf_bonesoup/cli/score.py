@@ -7,7 +7,7 @@ from pathlib import Path
 
 from openrlhf_bonesoup import coefficients, combiners, objectives
 from openrlhf_bonesoup.cli import quiet_model_loading
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ import argparse
 import os
 
 from openrlhf_bonesoup.cli.merge import soup_from_flags
-from openrlhf_bonesoup.coefficients import BoneSoupError, parse_floats
+from openrlhf_bonesoup.coefficients import parse_floats
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

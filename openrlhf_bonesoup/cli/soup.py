@@ -13,7 +13,7 @@ import numpy as np
 
 from openrlhf_bonesoup import objectives
 from openrlhf_bonesoup.cli import PROG, matrix_from_flags
-from openrlhf_bonesoup.coefficients import Parser
+from openrlhf_bonesoup.errors import Parser
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_bonesoup import indicators, plot, soup
-from openrlhf_bonesoup.coefficients import BoneSoupError, backbone_matrix, clean, preference_grid
+from openrlhf_bonesoup.coefficients import backbone_matrix, clean, preference_grid
+from openrlhf_bonesoup.errors import BoneSoupError
 
 FORMAT = "openrlhf-bonesoup/demo/v1"
 MARKER = ".openrlhf-bonesoup-demo"  # written before anything else: an interrupted demo's folder is still a demo's

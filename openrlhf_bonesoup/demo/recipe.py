@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_bonesoup.coefficients import BoneSoupError, clean, preference_grid
+from openrlhf_bonesoup.coefficients import clean, preference_grid
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.generation import Generator
 
 FORMAT = "openrlhf-bonesoup/demo-recipe/v1"

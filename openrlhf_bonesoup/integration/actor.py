@@ -30,7 +30,7 @@ from openrlhf.utils import get_tokenizer
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 
 from openrlhf_bonesoup import objectives, scoring
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 
 
 @ray.remote(num_gpus=1)

@@ -21,6 +21,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from openrlhf_bonesoup.errors import BoneSoupError  # standard library only: fine in Ray's and vLLM's processes
 from openrlhf_bonesoup.integration.imports import on_import, provide_flash_attn_2_cuda, refuse_import
 
 ENV = "OPENRLHF_BONESOUP_CPU"
@@ -229,8 +230,6 @@ def _option(args, option: str) -> Any:
 def launch_settings(args) -> dict[str, list]:
     """What --cpu sets on OpenRLHF's parsed args (only read here): {option: [was, now, why]} for each option
     it changes; the launcher sets them and prints one line each. Refuses the CPU_REFUSED options."""
-    from openrlhf_bonesoup.coefficients import BoneSoupError  # numpy: not for the Ray and vLLM processes
-
     for option, why in CPU_REFUSED.items():
         if _option(args, option):
             raise BoneSoupError(f"--{option} cannot run with --cpu: {why}")

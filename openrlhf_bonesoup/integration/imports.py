@@ -77,7 +77,7 @@ class StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 raise AttributeError(attr)
 
             def refuse(*args, **kwargs):
-                from openrlhf_bonesoup.coefficients import BoneSoupError  # only when a stand-in is used
+                from openrlhf_bonesoup.errors import BoneSoupError  # only when a stand-in is used
 
                 raise BoneSoupError(f"{module.__name__}.{attr}: {module.__name__} is not installed here")
 

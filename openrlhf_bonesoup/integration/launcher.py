@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlhf_bonesoup import coefficients, combiners, objectives, soup
-from openrlhf_bonesoup.coefficients import BoneSoupError, Parser
+from openrlhf_bonesoup.errors import BoneSoupError, Parser
 from openrlhf_bonesoup.integration import cpu, imports, worker
 
 UPSTREAM = "openrlhf.cli.train_ppo_ray"

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openrlhf_bonesoup import cli, coefficients, merge_engine
-from openrlhf_bonesoup.coefficients import BoneSoupError
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.merge import merge_soup, sweep_outputs
 from openrlhf_bonesoup.merge_engine import merge_checkpoints, weighted_sum
 
