@@ -199,7 +199,7 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
     plan = json.loads(done.stdout)
     assert plan["runtime_env"]["env_vars"][cpu.ENV] == "1"
     assert plan["runtime_env"]["env_vars"][cpu.VLLM_MP_ENV] == "0"  # the model in the engine core's process
-    assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
+    assert plan["runtime_env"]["worker_process_setup_hook"] == worker.SETUP_HOOK
     assert {option: change[:2] for option, change in plan["cpu"].items()} == {
         **{f"{group}.num_gpus_per_node": [8, 1] for group in ("actor", "ref", "critic", "reward")},
         "vllm.num_engines": [None, 1],

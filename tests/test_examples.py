@@ -172,7 +172,7 @@ def test_training_launches_one_job_per_backbone(tmp_path, monkeypatch, launch_fo
         assert plan["soup_dir"] == str(tmp_path / "soups" / "hh_bone_soup_b0.7")
         assert plan["output_dir"] == str(tmp_path / "soups" / "hh_bone_soup_b0.7" / f"backbone{j}")
         assert len(plan["merge_preferences"]) == 11
-        assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
+        assert plan["runtime_env"]["worker_process_setup_hook"] == worker.SETUP_HOOK
         argv = plan["openrlhf_argv"]
         assert argv[argv.index("--critic.model_name_or_path") + 1] == str(tmp_path / "models" / "llama-2-7b-sft-hh")
         assert argv[argv.index("--rollout.max_new_tokens") + 1] == "128"

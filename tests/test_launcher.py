@@ -63,7 +63,7 @@ def test_our_flags_are_removed_and_the_rest_parsed_by_openrlhf(tiny):
     assert args.reward.model_name_or_path == rms and args.reward.remote_url is None  # the in-cluster actor
     assert plan["backbone_index"] == 1 and plan["soup_dir"] == "/tmp/s"
     assert args.ckpt.output_dir == plan["output_dir"] == str(Path.cwd() / "ckpt")  # upstream's default, absolute
-    assert plan["runtime_env"]["worker_process_setup_hook"] == worker.HOOK
+    assert plan["runtime_env"]["worker_process_setup_hook"] == worker.SETUP_HOOK
     assert json.loads(plan["runtime_env"]["env_vars"][worker.CONFIG_ENV]) == args.bonesoup
 
 
@@ -291,13 +291,13 @@ def test_runtime_env_merges_with_a_submitted_jobs_runtime_env(monkeypatch):
     assert _merge_runtime_env(job, ours) is not None  # Ray's own merge: no conflicting key
     merged = _merge_runtime_env(job, ours)
     assert merged["env_vars"]["NCCL_DEBUG"] == "INFO"  # the job's value
-    assert merged["worker_process_setup_hook"] == worker.HOOK and worker.CONFIG_ENV in merged["env_vars"]
+    assert merged["worker_process_setup_hook"] == worker.SETUP_HOOK and worker.CONFIG_ENV in merged["env_vars"]
     monkeypatch.delenv(launcher.JOB_CONFIG_ENV)
     assert _merge_runtime_env(job, launcher.runtime_env({})) is None  # upstream's env_vars would conflict
 
 
 def test_runtime_env_and_a_jobs_setup_hook(monkeypatch):
-    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": worker.HOOK}}))
+    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": worker.SETUP_HOOK}}))
     assert "worker_process_setup_hook" not in launcher.runtime_env({})  # already the job's
     monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": "x.y"}}))
     with pytest.raises(BoneSoupError, match="Bone Soup needs its own"):
@@ -344,7 +344,7 @@ def test_a_launch_registers_the_backbone_in_the_soup(tiny, tmp_path, started):
     assert entry["status"] == "launched" and entry["launch_args"] == argv
     assert entry["output_dir"] == str(tmp_path / "ckpt1") and "checkpoint" not in entry
     assert manifest["backbones"][0] is None
-    assert started[0]["worker_process_setup_hook"] == worker.HOOK
+    assert started[0]["worker_process_setup_hook"] == worker.SETUP_HOOK
 
     other = [a if a != "0.7" else "0.8" for a in argv]  # same soup folder, another beta: refused
     with pytest.raises(BoneSoupError, match="beta"):

@@ -316,7 +316,7 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     }
     if cpu_launch:
         env_vars.update(cpu.worker_env_vars())
-    env = {"env_vars": env_vars, "worker_process_setup_hook": worker.HOOK}
+    env = {"env_vars": env_vars, "worker_process_setup_hook": worker.SETUP_HOOK}
     if JOB_CONFIG_ENV not in os.environ:
         return env
     job_env = json.loads(os.environ[JOB_CONFIG_ENV]).get("runtime_env") or {}
@@ -326,7 +326,7 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
     for key in job_vars:
         env_vars.pop(key, None)
     hook = job_env.get("worker_process_setup_hook")
-    if hook == worker.HOOK:
+    if hook == worker.SETUP_HOOK:
         del env["worker_process_setup_hook"]
     elif hook:
         raise BoneSoupError(f"the job's runtime_env has worker_process_setup_hook {hook!r}; Bone Soup needs its own")

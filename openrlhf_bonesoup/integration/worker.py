@@ -35,7 +35,7 @@ from openrlhf_bonesoup.integration import lora_sync
 from openrlhf_bonesoup.integration.imports import on_import
 
 CONFIG_ENV = "OPENRLHF_BONESOUP_CONFIG"  # JSON set by the launcher in the Ray runtime_env
-HOOK = "openrlhf_bonesoup.integration.worker.setup"
+SETUP_HOOK = "openrlhf_bonesoup.integration.worker.setup"
 ROUTE_ACTORS = "reward_actors"  # every objective scored in our RewardModelActor group
 ROUTE_REWARD_FUNC = "reward_func"  # no model: HTTP/function objectives via --reward.remote_url reward_func.py
 STATE_KEY = "bonesoup_running_statistics"  # our entry in OpenRLHF's checkpoint client_states
