@@ -297,7 +297,8 @@ def test_runtime_env_merges_with_a_submitted_jobs_runtime_env(monkeypatch):
 
 
 def test_runtime_env_and_a_jobs_setup_hook(monkeypatch):
-    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": worker.SETUP_HOOK}}))
+    job = {"runtime_env": {"worker_process_setup_hook": worker.SETUP_HOOK}}
+    monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps(job))
     assert "worker_process_setup_hook" not in launcher.runtime_env({})  # already the job's
     monkeypatch.setenv(launcher.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": "x.y"}}))
     with pytest.raises(BoneSoupError, match="Bone Soup needs its own"):
