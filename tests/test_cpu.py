@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from openrlhf_bonesoup.errors import BoneSoupError
 from openrlhf_bonesoup.integration import cpu, launcher, worker
 
 # The upstream call each replacement stands for, run after `cpu.apply(...)`.
@@ -208,6 +209,23 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
         "vllm.gpu_memory_utilization": [0.95, 0.05],
     }
     assert all(isinstance(why, str) and why for _, _, why in plan["cpu"].values())  # each says why
+
+
+def test_cpu_alone_rehearses_openrlhfs_own_launch(tiny, tmp_path):
+    """`--cpu` without a combiner: OpenRLHF's launch as it is (its one reward model, its reward path, upstream's
+    critic default), with what --cpu changes; no Bone Soup config reaches the workers. Without --cpu the
+    launcher still asks for a combiner."""
+    argv = ["--actor.model_name_or_path", str(tiny["policy"]), "--reward.model_name_or_path", str(tiny["rm_llama"])]
+    argv += ["--ckpt.output_dir", str(tmp_path / "ckpt")]
+    plan, args = launcher.resolve([*argv, "--cpu"])
+    assert plan["bonesoup"] is None and plan["soup"] is None
+    assert plan["reward.model_name_or_path"] == str(tiny["rm_llama"]) and plan["reward.remote_url"] is None
+    assert plan["critic.model_name_or_path"] is None  # upstream starts its critic from the reward model
+    env_vars = plan["runtime_env"]["env_vars"]
+    assert worker.CONFIG_ENV not in env_vars and env_vars[cpu.ENV] == "1"
+    assert plan["cpu"]["vllm.sync_backend"][1] == "gloo" and args.vllm.sync_backend == "gloo"
+    with pytest.raises(BoneSoupError, match="--reward_combiner is required"):
+        launcher.resolve(argv)
 
 
 # What each GPU-only option is set to by upstream's recipes (examples/scripts of 0.11.2) when given.

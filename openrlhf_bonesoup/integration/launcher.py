@@ -175,6 +175,28 @@ def resolve(argv: Sequence[str]) -> tuple[dict, Any]:
 def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: list[str]) -> dict:
     """What a launch will do, from our flags and OpenRLHF's parsed args (only read): every refusal of ours
     now, before anything runs. `--dry_run` prints it; `apply` does it."""
+    cpu_changes = cpu.launch_settings(args) if ours.cpu else {}
+    notices = [f"[bonesoup] --cpu: --{o} {now} (was {was}): {why}" for o, (was, now, why) in cpu_changes.items()]
+    if ours.reward_combiner is None and ours.cpu and not (ours.objectives or ours.soup_dir):
+        # `--cpu` alone: OpenRLHF's own launch rehearsed on CPU, its reward path untouched (no objectives, no
+        # soup); e.g. the baseline of benchmarks/ppo_step.py.
+        return {
+            "openrlhf_argv": openrlhf_argv,
+            "bonesoup": None,
+            "reward.model_name_or_path": args.reward.model_name_or_path,
+            "reward.remote_url": args.reward.remote_url,
+            "critic.model_name_or_path": args.critic.model_name_or_path,
+            "backbone_index": None,
+            "output_dir": str(Path(args.ckpt.output_dir).resolve()),
+            "soup_dir": None,
+            "soup": None,
+            "merge_preferences": None,
+            "merge_output": None,
+            "runtime_env": runtime_env(None, cpu_launch=True),
+            "ray": cpu.local_ray(args, cpu_changes),
+            "cpu": cpu_changes,
+            "notices": notices,
+        }
     # Upstream's own ways of naming rewards are the objectives, in this order: the reward models of
     # --reward.model_name_or_path, then the reward_func files and endpoints of --reward.remote_url (the
     # recipes pass reward functions there). --objectives FILE names them with their settings instead.
@@ -206,14 +228,10 @@ def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: lis
     # that choice is arbitrary and often wrong (an HF classifier on another tokenizer), so the critic
     # starts from the policy instead, as upstream does for remote rewards; an explicit flag wins.
     critic = args.critic.model_name_or_path
-    notices = []
     if args.algo.advantage.estimator == "gae" and critic is None:
         critic = args.actor.model_name_or_path
-        notices.append(f"[bonesoup] no --critic.model_name_or_path: the critic starts from {critic}")
+        notices.insert(0, f"[bonesoup] no --critic.model_name_or_path: the critic starts from {critic}")
     config = {"objectives": specs, "weights": weights.tolist(), "combiner": ours.reward_combiner, "route": route}
-    cpu_changes = cpu.launch_settings(args) if ours.cpu else None
-    for option, (was, now, why) in (cpu_changes or {}).items():
-        notices.append(f"[bonesoup] --cpu: --{option} {now} (was {was}): {why}")
     registered = None
     if ours.soup_dir:  # a soup needs B: Bone Soup's B(beta), or Rewarded Soup's B = I (beta = 1) for `single`
         if ours.reward_combiner == "linear":
@@ -236,7 +254,7 @@ def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: lis
         "merge_output": ours.merge_output,
         "runtime_env": runtime_env(config, cpu_launch=ours.cpu),
         "ray": cpu.local_ray(args, cpu_changes) if ours.cpu else {},
-        "cpu": cpu_changes,
+        "cpu": cpu_changes if ours.cpu else None,
         "notices": notices,  # printed when the launch starts Ray
     }
 
@@ -299,7 +317,7 @@ def _refuse_bypasses(args, specs: list[dict], route: str) -> None:
         )
 
 
-def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
+def runtime_env(config: dict | None, cpu_launch: bool = False) -> dict:
     """Upstream train()'s runtime_env plus our setup hook and config, fit to a `ray job submit` job.
 
     Under `ray job submit --runtime-env-json`, Ray merges the job's runtime_env with ray.init's and
@@ -312,8 +330,9 @@ def runtime_env(config: dict, cpu_launch: bool = False) -> dict:
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
         "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
-        worker.CONFIG_ENV: json.dumps(config),
     }
+    if config is not None:  # None: `--cpu` alone, no combiner (plan)
+        env_vars[worker.CONFIG_ENV] = json.dumps(config)
     if cpu_launch:
         env_vars.update(cpu.worker_env_vars())
     env = {"env_vars": env_vars, "worker_process_setup_hook": worker.SETUP_HOOK}
@@ -347,7 +366,8 @@ def apply(launch: dict) -> None:
         ray.init = upstream_init  # once: _start_ray calls the real one
         _before_training(launch)
 
-    with _hierarchize_then(lambda args: _set(args, launch)), _replaced(ray, "init", init), _actor_replaced():
+    actor = _actor_replaced() if launch["bonesoup"] else contextlib.nullcontext()
+    with _hierarchize_then(lambda args: _set(args, launch)), _replaced(ray, "init", init), actor:
         _run_openrlhf(launch["openrlhf_argv"])
     if launch["soup_dir"]:
         from openrlhf_bonesoup import hook  # the post-training hook; imported only when a launch ends

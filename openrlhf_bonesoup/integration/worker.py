@@ -47,11 +47,13 @@ def setup() -> None:
 
     if cpu.active():  # a --cpu launch: the CUDA-site replacements, in every worker
         cpu.apply()
+    on_import("openrlhf.trainer.ray.ppo_actor", lora_sync.patch)  # OpenRLHF alone cannot sync a LoRA policy
+    if CONFIG_ENV not in os.environ:  # `--cpu` without a combiner: OpenRLHF's own launch, rehearsed
+        return
     on_import("openrlhf.trainer.ppo_utils.experience_maker", _patch_experience_maker)
     on_import("openrlhf.trainer.ppo_trainer", _patch_trainer)
     on_import("openrlhf.utils.agent", _patch_agent)
     on_import("openrlhf.trainer.ray.vllm_engine", _patch_agent_loader)
-    on_import("openrlhf.trainer.ray.ppo_actor", lora_sync.patch)
 
 
 def config() -> dict:
