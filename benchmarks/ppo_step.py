@@ -53,7 +53,8 @@ def main() -> int:
             out = tmp / name
             argv = ["--cpu", "--actor.model_name_or_path", str(models["policy"]), *reward]
             argv += ["--data.prompt_dataset", str(models["prompts"]), "--data.input_key", "input"]
-            argv += ["--data.max_samples", str(4 * args.steps), "--data.max_len", "128", "--rollout.max_new_tokens", "16"]
+            argv += ["--data.max_samples", str(4 * args.steps), "--data.max_len", "128"]
+            argv += ["--rollout.max_new_tokens", "16"]
             argv += ["--rollout.batch_size", "4", "--rollout.micro_batch_size", "2", "--train.batch_size", "4"]
             argv += ["--train.micro_batch_size", "2", "--algo.advantage.estimator", "gae", "--ds.zero_stage", "2"]
             argv += ["--critic.model_name_or_path", str(models["policy"]), "--vllm.enforce_eager"]
