@@ -111,6 +111,7 @@ def search_alpha(
     prompts: Sequence[str],
     workdir: str | os.PathLike,
     sampling: dict | None = None,
+    generator: Generator | None = None,
     **engine_kw,
 ) -> dict:
     """The reference code's SFT extrapolation search (`--alpha auto`), on a small validation split.
@@ -123,7 +124,8 @@ def search_alpha(
     """
     from openrlhf_bonesoup.merge import merge_soup
 
-    generator = Generator(sampling)  # its own engine, closed below: the candidates are removed
+    opened = generator is None  # its own engine, closed below (the candidates are removed); a caller's stays
+    generator = generator or Generator(sampling)
     n = matrix.shape[0]
     corners = np.eye(n).tolist()
     workdir = Path(workdir)
@@ -148,7 +150,8 @@ def search_alpha(
             score_responses(objectives, prompts, generator.generate(m, prompts), size).mean(axis=0) for m in models
         ]
     finally:
-        generator.close()
+        if opened:
+            generator.close()
         shutil.rmtree(workdir, ignore_errors=True)
     k = len(REFERENCE_ALPHAS)
     table = [[means[i * k + c].tolist() for c in range(k)] for i in range(n)]
@@ -226,7 +229,9 @@ def evaluate(
     if alpha == "auto" and resume and (output / ALPHA_SEARCH).is_file():
         search = json.loads((output / ALPHA_SEARCH).read_text())
     elif alpha == "auto":
-        search = search_alpha(backbones, matrix, sft, objs, val, output / "alpha_search", sampling, **engine_kw)
+        # evaluate's engine, not a second one beside it (a GPU holds one)
+        workdir = output / "alpha_search"
+        search = search_alpha(backbones, matrix, sft, objs, val, workdir, generator=generator, **engine_kw)
         files.write_durably(output / ALPHA_SEARCH, json.dumps(search) + "\n")
     alphas = search["best"] if search else [float(alpha)] * n
     # LoRA soups: merged adapters become full weights of their base model, which vLLM and

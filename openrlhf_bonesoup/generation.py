@@ -50,7 +50,8 @@ class Generator:
 
     def __init__(self, sampling: dict | None = None) -> None:
         self.sampling = {**SAMPLING, **(sampling or {})}
-        choice, usable = self.sampling["backend"], vllm_usable()
+        choice = self.sampling["backend"]
+        usable = choice != "transformers" and vllm_usable()  # the transformers backend never imports vLLM
         if choice == "vllm" and not usable:
             raise BoneSoupError("--eval.backend vllm: vllm is not installed")
         self.backend = "vllm" if choice == "vllm" or (choice == "auto" and usable) else "transformers"

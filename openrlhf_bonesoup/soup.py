@@ -138,13 +138,19 @@ def init_soup(
         return manifest
 
 
+def _resolved(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
 def register_backbone(soup_dir: str | os.PathLike, index: int, **fields) -> dict:
     """Update backbone `index`'s entry with `fields` (status, checkpoint, launch_args, ...).
 
-    A launch (status "launched") of a backbone that is already trained is kept beside its entry as
-    `pending_launch`: the trained status and checkpoint stay, so a relaunch stopped before its end never
-    hides a trained backbone from merge. Registering a checkpoint ends a pending launch (its fields, such
-    as launch_args and output_dir, become the entry's)."""
+    A launch (status "launched") of a backbone that is already trained, into another folder, is kept beside
+    its entry as `pending_launch`: the trained status and checkpoint stay, so a relaunch stopped before its
+    end never hides a trained backbone from merge. A relaunch into the trained checkpoint's own folder
+    overwrites it: the entry becomes "launched" (merging refused) until the new checkpoint is registered.
+    Registering the checkpoint a pending launch writes ends it (its launch_args and output_dir become the
+    entry's); registering another keeps it pending."""
     soup_dir = Path(soup_dir)
     with _locked(soup_dir):
         manifest = read_soup(soup_dir)
@@ -154,11 +160,15 @@ def register_backbone(soup_dir: str | os.PathLike, index: int, **fields) -> dict
             fields["checkpoint"] = str(Path(fields["checkpoint"]).resolve())
             fields = {**checkpoint_identity(fields["checkpoint"]), **fields}
         entry = dict(manifest["backbones"][index] or {"index": index})
-        if fields.get("status") == "launched" and entry.get("status") == "trained":
+        relaunch = fields.get("status") == "launched" and entry.get("status") == "trained"
+        pending_dir = _resolved(entry.get("pending_launch", {}).get("output_dir"))
+        if relaunch and _resolved(fields.get("output_dir")) != _resolved(entry.get("checkpoint")):
             pending = {k: v for k, v in fields.items() if k != "status"}
             fields = {"pending_launch": {**pending, "updated": _now()}}
-        elif "checkpoint" in fields:
-            fields = {**entry.pop("pending_launch", {}), **fields}
+        elif relaunch:
+            entry.pop("pending_launch", None)
+        elif fields.get("checkpoint") and fields["checkpoint"] == pending_dir:
+            fields = {**entry.pop("pending_launch"), **fields}
         entry.update(fields, updated=_now())
         manifest["backbones"][index] = entry
         _write(soup_dir, manifest)

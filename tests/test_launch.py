@@ -260,7 +260,7 @@ def test_a_lora_backbone_on_the_reward_func_route_under_zero3(models, tmp_path):
     """DAPO's recipe shape (group_norm, 2 samples per prompt, dynamic filtering) with its reward functions
     given upstream's way, `--reward.remote_url bonus.py,length.py`: no model objective, so the rollout workers
     score through the plugin's reward_func file (labels read from the dataset); ZeRO 3 shards a LoRA policy
-    (`--ds.lora.rank`), whose weight sync OpenRLHF 0.11.2 cannot do alone (worker._patch_lora_sync).
+    (`--ds.lora.rank`), whose weight sync OpenRLHF 0.11.2 cannot do alone (integration/lora_sync.py).
     Backbone 0 trains, vLLM gets its merged weights, the adapter is registered, and the log holds the
     combination. (The filter's own effect on h_j: test_integration_ray.py; here its range keeps every group.)"""
     (tmp_path / "bonus.py").write_text(models["reward_func"].read_text())

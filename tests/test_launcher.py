@@ -35,7 +35,7 @@ def run_main(argv, capsys):
 
 
 def openrlhf_args(argv):
-    """OpenRLHF's own parser + hierarchize on argv (and the launcher's step, when one is installed),
+    """OpenRLHF's own parser + hierarchize on argv (and the launcher's settings, when one is installed),
     stopped right after."""
 
     class Stop(Exception):
@@ -416,3 +416,18 @@ def test_relaunching_a_trained_backbone_keeps_it_until_a_new_checkpoint_is_regis
     assert entry["status"] == "trained" and entry["checkpoint"] == str(tmp_path / "again")
     assert entry["launch_args"] == again and entry["output_dir"] == str(tmp_path / "again")
     assert "pending_launch" not in entry
+
+    # registering another checkpoint (the old one, recovered by hand) leaves a pending launch pending
+    third = [*argv, "--backbone_index", "0", "--ckpt.output_dir", str(tmp_path / "third")]
+    launch_until_ray(third)
+    hook.register_checkpoint(soup_dir, 0, tmp_path / "ckpt0")
+    entry = soup.read_soup(soup_dir)["backbones"][0]
+    assert entry["checkpoint"] == str(tmp_path / "ckpt0") and entry["launch_args"] == again
+    assert entry["pending_launch"]["output_dir"] == str(tmp_path / "third")
+
+    # a relaunch into the trained checkpoint's own folder overwrites it: no merge until its new checkpoint
+    launch_until_ray([*argv, "--backbone_index", "1", "--ckpt.output_dir", str(tmp_path / "ckpt1")])
+    entry = soup.read_soup(soup_dir)["backbones"][1]
+    assert entry["status"] == "launched" and "pending_launch" not in entry
+    with pytest.raises(BoneSoupError, match="trained"):
+        soup.require_trained(soup_dir)

@@ -105,9 +105,9 @@ def provide_flash_attn_2_cuda() -> None:
 @contextlib.contextmanager
 def without_gpu_stack() -> Iterator[None]:
     """While the block runs, OpenRLHF's train_ppo_ray imports and parses its flags on a machine without its
-    GPU stack: a stand-in `vllm` (forgotten after, sys.modules included) and `provide_flash_attn_2_cuda`'s."""
-    provide_flash_attn_2_cuda()
-    finder = StandIn(("vllm",))
+    GPU stack: stand-ins for `vllm` and `flash_attn_2_cuda` (CUDA or not: a GPU machine may lack the compiled
+    extension too), forgotten after, sys.modules included. Real modules are found first."""
+    finder = StandIn(("vllm", FLASH_ATTN_2_CUDA))
     sys.meta_path.append(finder)
     try:
         yield

@@ -237,7 +237,7 @@ def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: lis
         if ours.reward_combiner == "linear":
             raise BoneSoupError("--soup_dir needs --reward_combiner bonesoup or single (linear weights define no soup)")
         beta = ours.beta if ours.reward_combiner == "bonesoup" else 1.0
-        registered = {"beta": beta, "sft": sft, "launch_args": list(argv)}
+        registered = {"beta": beta, "sft": sft, "launch_args": [a for a in argv if a != "--dry_run"]}
     return {
         "openrlhf_argv": openrlhf_argv,
         "bonesoup": config,  # on args.bonesoup: it travels to every actor with strategy.args
