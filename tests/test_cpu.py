@@ -207,6 +207,7 @@ def test_the_launcher_sets_cpu_only_with_cpu(tiny, tmp_path):
         "vllm.sync_backend": ["nccl", "gloo"],
         "ds.attn_implementation": ["flash_attention_2", "eager"],
         "vllm.gpu_memory_utilization": [0.95, 0.05],
+        "vllm.enforce_eager": [False, True],
     }
     assert all(isinstance(why, str) and why for _, _, why in plan["cpu"].values())  # each says why
 

@@ -243,6 +243,9 @@ def launch_settings(args) -> dict[str, list]:
         wanted["ds.attn_implementation"] = ("eager", "flash attention is a CUDA kernel")
     if args.vllm.gpu_memory_utilization > 0.2:
         wanted["vllm.gpu_memory_utilization"] = (0.05, "on vLLM's CPU build, the share of RAM for the KV cache")
+    # Speed only (CUDA graphs on a GPU); on vLLM's CPU build the compile it starts costs minutes of CPU per launch
+    # (a recipe without it: 268 s against 78-143 s for the recipes with it, CI 2026-12-08).
+    wanted["vllm.enforce_eager"] = (True, "vLLM's compile and CUDA graphs only change speed; on CPU it costs minutes")
     changes = {}
     for option, (now, why) in wanted.items():
         was = _option(args, option)
