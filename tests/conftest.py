@@ -35,6 +35,8 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="bonesoup-hf-m
 import tiny_models  # noqa: E402  (needs the path set-up above)
 
 GPU_TESTS = TESTS / "gpu"
+HEAVY_FIRST = ("test_demo_recipe.py", "test_launch.py", "test_upstream_recipes.py", "test_integration_ray.py")
+HEAVY_FIRST += ("test_serve.py", "test_first_hour.py", "test_remote.py", "test_evaluate_vllm.py")
 NO_CUDA = "no CUDA GPU here (torch.cuda.is_available() is False): run on a GPU machine, see docs/gpu.md"
 
 
@@ -50,6 +52,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
             if not torch.cuda.is_available():
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+    # The heaviest files first (each starts several Ray + DeepSpeed + vLLM launches or engines): with
+    # `--dist loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands files to its processes in this
+    # order; by its default order (most tests first) the heavy files, which have few tests, came last and one
+    # ran alone at the end of the suite for minutes (CI, 2026-12-08). Stable sort: the rest keep their order.
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath).name, len(rank)))
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist: `pytest -o addopts=-ra tests`
