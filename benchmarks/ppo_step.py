@@ -39,7 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = tiny.make_rehearsal(tmp / "models")
+        models = tiny.make_rehearsal(tmp / "models", prompts=4 * args.steps)  # 4 prompts a step
         tiny.make_openrlhf_rm(tmp / "models" / "rm2", models["policy"], seed=5)
         rm, rm2 = str(models["rm"]), str(tmp / "models" / "rm2")
         variants = {
