@@ -177,26 +177,29 @@ def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: lis
     now, before anything runs. `--dry_run` prints it; `apply` does it."""
     cpu_changes = cpu.launch_settings(args) if ours.cpu else {}
     notices = [f"[bonesoup] --cpu: --{o} {now} (was {was}): {why}" for o, (was, now, why) in cpu_changes.items()]
+    # `--cpu` alone is this plan: OpenRLHF's own launch rehearsed on CPU, its reward settings untouched (no
+    # objectives, no soup); e.g. the baseline of benchmarks/ppo_step.py. A Bone Soup launch overrides below.
+    launch = {
+        "openrlhf_argv": openrlhf_argv,
+        "bonesoup": None,
+        "reward.model_name_or_path": args.reward.model_name_or_path,
+        "reward.remote_url": args.reward.remote_url,
+        "critic.model_name_or_path": args.critic.model_name_or_path,
+        "backbone_index": None,
+        # Absolute, so that the policy actor (another process, maybe another node) saves where the
+        # manifest and the post-training hook look.
+        "output_dir": str(Path(args.ckpt.output_dir).resolve()),
+        "soup_dir": None,
+        "soup": None,
+        "merge_preferences": None,
+        "merge_output": None,
+        "runtime_env": runtime_env(None, cpu_launch=ours.cpu),
+        "ray": cpu.local_ray(args, cpu_changes) if ours.cpu else {},
+        "cpu": cpu_changes if ours.cpu else None,
+        "notices": notices,  # printed when the launch starts Ray
+    }
     if ours.reward_combiner is None and ours.cpu and not (ours.objectives or ours.soup_dir):
-        # `--cpu` alone: OpenRLHF's own launch rehearsed on CPU, its reward path untouched (no objectives, no
-        # soup); e.g. the baseline of benchmarks/ppo_step.py.
-        return {
-            "openrlhf_argv": openrlhf_argv,
-            "bonesoup": None,
-            "reward.model_name_or_path": args.reward.model_name_or_path,
-            "reward.remote_url": args.reward.remote_url,
-            "critic.model_name_or_path": args.critic.model_name_or_path,
-            "backbone_index": None,
-            "output_dir": str(Path(args.ckpt.output_dir).resolve()),
-            "soup_dir": None,
-            "soup": None,
-            "merge_preferences": None,
-            "merge_output": None,
-            "runtime_env": runtime_env(None, cpu_launch=True),
-            "ray": cpu.local_ray(args, cpu_changes),
-            "cpu": cpu_changes,
-            "notices": notices,
-        }
+        return launch
     # Upstream's own ways of naming rewards are the objectives, in this order: the reward models of
     # --reward.model_name_or_path, then the reward_func files and endpoints of --reward.remote_url (the
     # recipes pass reward functions there). --objectives FILE names them with their settings instead.
@@ -239,23 +242,17 @@ def plan(ours: argparse.Namespace, args, argv: Sequence[str], openrlhf_argv: lis
         beta = ours.beta if ours.reward_combiner == "bonesoup" else 1.0
         registered = {"beta": beta, "sft": sft, "launch_args": [a for a in argv if a != "--dry_run"]}
     return {
-        "openrlhf_argv": openrlhf_argv,
+        **launch,
         "bonesoup": config,  # on args.bonesoup: it travels to every actor with strategy.args
         "reward.model_name_or_path": reward_models,
         "reward.remote_url": None if actors else REWARD_FUNC_FILE,
         "critic.model_name_or_path": critic,
         "backbone_index": ours.backbone_index if ours.reward_combiner == "bonesoup" else ours.objective,
-        # Absolute, so that the policy actor (another process, maybe another node) saves where the
-        # manifest and the post-training hook look.
-        "output_dir": str(Path(args.ckpt.output_dir).resolve()),
         "soup_dir": ours.soup_dir,
         "soup": registered,  # soup.json: B from beta, the SFT model, this backbone's launch
         "merge_preferences": preferences,
         "merge_output": ours.merge_output,
         "runtime_env": runtime_env(config, cpu_launch=ours.cpu),
-        "ray": cpu.local_ray(args, cpu_changes) if ours.cpu else {},
-        "cpu": cpu_changes if ours.cpu else None,
-        "notices": notices,  # printed when the launch starts Ray
     }
 
 
